@@ -1,0 +1,1 @@
+"""Adapters: KVM ivshmem, DPDK, ConnectX (arrive with later issues)."""

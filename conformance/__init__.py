@@ -1,0 +1,1 @@
+"""The NetKernel conformance suite: pytest conformance --target reference|fastpath|exec:CMD."""

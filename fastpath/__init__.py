@@ -1,0 +1,1 @@
+"""C fast path (arrives with the fast-path issue)."""

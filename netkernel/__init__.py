@@ -1,0 +1,1 @@
+"""NetKernel: the network stack as part of the virtualized infrastructure."""

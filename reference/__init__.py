@@ -1,0 +1,1 @@
+"""Reference model of NetKernel: pure Python, written to be read against spec/."""

@@ -1,0 +1,1 @@
+"""Deliberately broken contract-carrying modules: CrossHair must reject each one."""
