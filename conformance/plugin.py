@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from netkernel.conformance import requirements, targets
+from netkernel.conformance import requirements, runtime, targets
 
 NOT_APPLICABLE = "not applicable: "
 UNSUPPORTED = "unsupported: "
@@ -40,7 +41,8 @@ settings.load_profile(os.environ.get("NK_HYPOTHESIS_PROFILE", "dev"))
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("netkernel")
     group.addoption("--target", default="reference",
-                    help="implementation under test: reference, fastpath, or module[:function]")
+                    help="implementation under test: reference, fastpath, exec:CMD (an NSM program;"
+                         " {instance} in CMD is the instance's name), or module[:function]")
     group.addoption("--nk-report", metavar="FILE", default=None,
                     help="write a JSON report: every spec requirement with its status")
     group.addoption("--nk-certify", action="store_true",
@@ -113,6 +115,28 @@ def conntable(target: targets.Target) -> Any:
 @pytest.fixture
 def coreengine(target: targets.Target) -> Any:
     return _role(target, "coreengine")
+
+
+@pytest.fixture
+def nsm(target: targets.Target) -> Any:
+    return _role(target, "nsm")
+
+
+@pytest.fixture
+def guestlib(target: targets.Target) -> Any:
+    return _role(target, "guestlib")
+
+
+@pytest.fixture(scope="session")
+def nk_runtime(target: targets.Target,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[runtime.Runtime]:
+    """The session's running instances (CoreEngine, NSM), started when a test first asks:
+    the target's processes, the reference's where the target has none (targets.py)."""
+    rt = runtime.Runtime(target, tmp_path_factory.mktemp("nk-logs"))
+    try:
+        yield rt
+    finally:
+        rt.close()
 
 
 def req_ids(item: pytest.Item) -> list[str]:

@@ -4,7 +4,9 @@ A target is an adapter object exposing *roles*. A test asks for a role by
 fixture name (``codec``, ``ring``, ...); when the target lacks it, the test is
 skipped as not applicable and the report says so. A vendor certifies an
 implementation by writing a target: a module with a ``target()`` function
-returning a :class:`Target`, selected with ``--target module:NAME``.
+returning a :class:`Target`, selected with ``--target module:NAME``; or, for
+an NSM that is a program, with ``--target exec:CMD`` (no Python needed: the
+suite starts ``CMD`` as the NSM and plays everything else with the reference).
 
 Roles and what they must provide (duck-typed; the reference modules are the
 model):
@@ -19,16 +21,43 @@ model):
 ``bufpool``    the data-area buffer ownership model (netkernel.reference.bufpool)
 ``sockets``    the socket state machine (netkernel.reference.sockstate)
 ``conntable``  the connection table's pure functions (netkernel.reference.conntable)
-``coreengine`` the sans-IO switching core (netkernel.reference.engine)
+``coreengine`` the sans-IO switching core (netkernel.reference.engine), and as
+               ``process`` a :class:`Launcher` of the running CoreEngine
+               (``python -m netkernel.reference.coreengine --instance {instance}``):
+               the control protocol of spec/runtime.md. A coreengine role without
+               ``process`` leaves the running-CoreEngine tests not applicable.
+``nsm``        a :class:`Launcher`: ``start(instance, log)`` starts one NSM process
+               for the instance the suite created and returns a :class:`Process`
+               (``python -m netkernel.reference.nsm_kernel --instance {instance}``)
+``guestlib``   an importable module shaped like the ``socket`` module's factories:
+               ``socket(family, type, proto)`` (a ``socket.socket`` look-alike),
+               ``create_connection``, ``create_server``; the instance is the one
+               ``NETKERNEL_INSTANCE`` names; tests about a whole process import it by
+               ``__name__`` in a child Python (netkernel.reference.guestlib)
+
+Roles played by a process (the running CoreEngine, ``nsm``) are started by the
+suite for each instance it creates (``netkernel.conformance.runtime``). Where a
+target lacks the process an instance needs as infrastructure, the suite runs
+the reference's: ``--target exec:CMD`` gets the reference CoreEngine, a target
+with a ``guestlib`` role and no ``nsm`` the reference NSM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
-from typing import Any
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import IO, Any
 
-ROLES = ("codec", "device", "ring", "bufpool", "sockets", "conntable", "coreengine")
+ROLES = ("codec", "device", "ring", "bufpool", "sockets", "conntable", "coreengine", "nsm",
+         "guestlib")
 
 
 class RoleMissing(LookupError):
@@ -50,6 +79,90 @@ class Target:
             raise RoleMissing(f"target {self.name!r} provides no {name!r} role") from None
 
 
+class Process:
+    """A process the suite started for a role; :meth:`stop` ends it."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], argv: list[str]) -> None:
+        self.popen = popen
+        self.argv = argv
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit status once the process has ended within ``timeout`` s, else None."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout`` s; returns the exit status."""
+        self.signal(signal.SIGTERM)
+        code = self.wait(timeout)
+        if code is None:
+            self.signal(signal.SIGKILL)
+            code = self.popen.wait()
+        return code
+
+
+@dataclasses.dataclass(frozen=True)
+class Launcher:
+    """How to start the process that plays a role, for one instance.
+
+    ``argv`` is a command line in which ``{instance}`` is replaced by the name
+    of the instance the suite created and ``{python}`` by this interpreter.
+    The process runs with ``NETKERNEL_INSTANCE`` set to that name (and
+    ``NETKERNEL_ROOT`` passed on when set), its output going to ``log``.
+    """
+
+    argv: tuple[str, ...]
+
+    @classmethod
+    def command(cls, cmd: str) -> Launcher:
+        """A launcher from a shell-style command line (``--target exec:CMD``)."""
+        argv = tuple(shlex.split(cmd))
+        if not argv:
+            raise ValueError("empty command")
+        return cls(argv)
+
+    def start(self, instance: str, log: Path | IO[bytes] | None = None) -> Process:
+        argv = [a.replace("{instance}", instance).replace("{python}", sys.executable)
+                for a in self.argv]
+        env = dict(os.environ, NETKERNEL_INSTANCE=instance, PYTHONUNBUFFERED="1")
+        with contextlib.ExitStack() as stack:
+            out: Any = subprocess.DEVNULL
+            if isinstance(log, Path):
+                out = stack.enter_context(open(log, "ab"))  # the child keeps its own copy
+            elif log is not None:
+                out = log
+            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, env=env, close_fds=True)
+        return Process(popen, argv)
+
+
+class WithProcess:
+    """A role's module, plus the :class:`Launcher` of the process that plays the role."""
+
+    def __init__(self, module: ModuleType, process: Launcher) -> None:
+        self._module = module
+        self.process = process
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def __repr__(self) -> str:
+        return f"<{self._module.__name__} + process {' '.join(self.process.argv)}>"
+
+
 _REFERENCE_MODULES = {
     "codec": "netkernel.reference.nqe",
     "device": "netkernel.reference.device",
@@ -58,19 +171,45 @@ _REFERENCE_MODULES = {
     "sockets": "netkernel.reference.sockstate",
     "conntable": "netkernel.reference.conntable",
     "coreengine": "netkernel.reference.engine",
+    "nsm": "netkernel.reference.nsm_kernel",
+    "guestlib": "netkernel.reference.guestlib",
+}
+#: Roles played by a process: the command line that starts the reference's.
+REFERENCE_PROCESSES = {
+    "coreengine": Launcher(("{python}", "-m", "netkernel.reference.coreengine",
+                            "--instance", "{instance}")),
+    "nsm": Launcher(("{python}", "-m", "netkernel.reference.nsm_kernel",
+                     "--instance", "{instance}")),
 }
 
 
 def reference() -> Target:
     """The pure-Python reference model: the judge every other target is held to."""
-    roles = {role: importlib.import_module(mod) for role, mod in _REFERENCE_MODULES.items()}
+    roles: dict[str, Any] = {role: importlib.import_module(mod)
+                             for role, mod in _REFERENCE_MODULES.items() if role != "nsm"}
+    roles["coreengine"] = WithProcess(roles["coreengine"], REFERENCE_PROCESSES["coreengine"])
+    roles["nsm"] = REFERENCE_PROCESSES["nsm"]
     return Target("reference", roles, frozenset({"FUTEX_BELLS"}))
 
 
+def exec_nsm(cmd: str) -> Target:
+    """``--target exec:CMD``: ``CMD`` is an NSM program, started once per instance the
+    suite creates (``{instance}`` in it is replaced by the instance's name). The suite
+    runs the reference CoreEngine around it; every role but ``nsm`` is not applicable."""
+    try:
+        launcher = Launcher.command(cmd)
+    except ValueError as exc:
+        raise SystemExit(f"--target exec:{cmd}: {exc}") from None
+    return Target(f"exec:{cmd}", {"nsm": launcher})
+
+
 def load(spec: str) -> Target:
-    """Resolve ``--target``: ``reference``, ``fastpath``, or ``package.module[:function]``."""
+    """Resolve ``--target``: ``reference``, ``fastpath``, ``exec:CMD``, or
+    ``package.module[:function]``."""
     if spec == "reference":
         return reference()
+    if spec.startswith("exec:"):
+        return exec_nsm(spec.removeprefix("exec:"))
     if spec == "fastpath":
         try:
             mod = importlib.import_module("netkernel.fastpath.target")

@@ -17,6 +17,10 @@ and to :mod:`netkernel.explain`, which the documentation site renders too.
 NSMs) on this host; the orchestration is :mod:`netkernel.instance`. Each takes
 ``--instance NAME`` (default ``$NETKERNEL_INSTANCE``, else ``default``); a
 failure prints one line and exits with status 1.
+
+``netkernel demo`` runs an HTTP server and an HTTP client as two tenants over
+an instance (started embedded when none runs) and prints the NQEs that
+crossed the CoreEngine (:mod:`netkernel.demo`).
 """
 
 from __future__ import annotations
@@ -313,6 +317,12 @@ def cmd_down(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from netkernel import demo
+
+    return demo.cli_main(args)
+
+
 def _add_instance_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def instance_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--instance", metavar="NAME", default=None,
@@ -331,6 +341,14 @@ def _add_instance_commands(commands: argparse._SubParsersAction[argparse.Argumen
                      "show tenants, NSMs, open sockets and counters of a running instance")
     instance_arg(p)
     p.add_argument("--json", action="store_true", help="print the JSON document instead")
+
+    p = _add_command(commands, "demo", cmd_demo,
+                     "HTTP server and client as two tenants over NetKernel; print the NQEs")
+    instance_arg(p)
+    p.add_argument("--size", type=int, default=1 << 20, metavar="BYTES",
+                   help="bytes the server serves (default 1 MiB of random bytes)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for each step (start, transfer)")
 
     p = _add_command(commands, "down", cmd_down,
                      "stop the instance and remove its runtime directory")

@@ -14,7 +14,10 @@ This file does the I/O it leaves out, in two threads:
   engine's outputs to their destination rings and rings the bells. A full
   destination ring keeps the outputs queued in order and stops reading from
   the source that produced them until they are delivered: nothing is dropped
-  and no NQE overtakes another on its way to a ring (RING-4). When no ring has
+  and no NQE overtakes another on its way to a ring (RING-4). One exception:
+  an NSM's ring is not stopped for a tenant that does not read its rings
+  (up to :data:`TENANT_BACKLOG` NQEs waiting for it), since that ring also
+  carries every other tenant's replies and events. When no ring has
   work it sleeps on every ENGINE bell at once (futex_waitv), at most
   ``bell.MAX_SLEEP`` (RING-6, RING-7).
 
@@ -70,6 +73,12 @@ BATCH: Final = 64  # NQEs taken from one ring per visit (RING-8)
 SPIN: Final = 16  # empty passes before the loop sleeps
 BLOCKED_SLEEP: Final = 0.001  # while outputs wait for room, poll the destination this often
 MAX_LINE: Final = 64 << 10
+#: NQEs from NSMs that may wait for one full tenant ring before the CoreEngine stops reading
+#: the NSM ring they came from. What an NSM owes a tenant is bounded by what the tenant holds
+#: there (its requests in flight, SEC-5; its receive buffers; an EV_FIN/EV_ERROR per socket,
+#: each a file descriptor of the NSM), so a tenant that stops reading its rings holds up only
+#: itself; the bound only guards the CoreEngine's memory against a runaway NSM.
+TENANT_BACKLOG: Final = 1 << 16
 KINDS: Final[dict[str, dev.Kind]] = {"tenant": dev.Kind.TENANT, "nsm": dev.Kind.NSM}
 TO_ENGINE: Final = tuple(r for r in dev.RingId if r.to_engine)
 #: Geometry of the devices the CoreEngine creates, per kind.
@@ -323,7 +332,12 @@ class CoreEngine:
         for dest, raw in outputs:
             if dest.dev not in self.devices:
                 continue  # its device detached meanwhile: nobody will read it
-            self.pending.setdefault(dest, collections.deque()).append((raw, source))
+            queue = self.pending.setdefault(dest, collections.deque())
+            if source is not None and source.kind is dev.Kind.NSM \
+                    and dest.kind is dev.Kind.TENANT and len(queue) < TENANT_BACKLOG:
+                queue.append((raw, None))  # a slow tenant must not stop the NSM's ring
+                continue
+            queue.append((raw, source))
             if source is not None:
                 self.held[source] += 1
 
@@ -337,14 +351,21 @@ class CoreEngine:
         """Deliver queued outputs to their rings, oldest first; returns how many went."""
         sent = 0
         for dest in list(self.pending):
-            queue = self.pending[dest]
+            queue = self.pending.get(dest)
+            if queue is None:
+                continue  # its device was detached earlier in this pass
             a = self.devices.get(dest.dev)
             if a is None:
                 for _, source in self.pending.pop(dest):
                     self._release(source)
                 continue
             ring = a.outputs[(dest.qset, dest.ring)]
-            n = ring.push_many([raw for raw, _ in itertools.islice(queue, ring.entries)])
+            try:
+                n = ring.push_many([raw for raw, _ in itertools.islice(queue, ring.entries)])
+            except RingError as exc:  # the device side moved its head impossibly (RING-10)
+                log.warning("%s %d broke its ring: %s; detaching", a.kind.name, a.id, exc)
+                self.detach(a.key)
+                continue
             for _ in range(n):
                 _, source = queue.popleft()
                 self._release(source)
@@ -362,6 +383,8 @@ class CoreEngine:
             moved += self.flush()
             for a in list(self.devices.values()):
                 for qset, ring_id, ring in a.inputs:
+                    if self.devices.get(a.key) is not a:
+                        break  # detached during this pass (a broken ring): unmapped now
                     source = eng.Dest(a.kind, a.id, qset, ring_id)
                     if self.held.get(source):
                         continue  # its earlier outputs still wait for room: keep order
@@ -397,7 +420,10 @@ class CoreEngine:
                 sleepers, timeout = [], min(timeout, BLOCKED_SLEEP)
             watch = [(a.engine_bells[q], a.engine_bells[q].value()) for a, q in sleepers]
             rings = [r for a, q in sleepers for qq, _, r in a.inputs if qq == q]
-            idle = all([r.prepare_sleep() for r in rings])  # every flag set, then re-checked
+            try:
+                idle = all([r.prepare_sleep() for r in rings])  # every flag set, re-checked
+            except RingError:  # a device broke its ring since the last pass: that pass
+                idle = False  # detaches it (RING-10); the flags are cleared below
         try:
             if idle:
                 self.loop["sleeps"] += 1

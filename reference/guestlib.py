@@ -142,30 +142,17 @@ def _timeout() -> TimeoutError:
 
 # -- the NQE on the wire -------------------------------------------------------------------
 
-def _wire_struct() -> struct.Struct:
-    """A ``struct`` twin of :data:`nq.NQE_STRUCT`, derived from its field layout (NQE-1..3).
-
-    construct is the one source of truth for the layout and too slow for every
-    NQE of a data path; this format is built from its ``field_layout()`` and
-    checked against it in tests/test_guestlib.py.
-    """
-    codes = {1: "B", 2: "H", 4: "I", 8: "Q"}
-    fmt = "<" + "".join(f"{size}s" if name == "reserved" else codes[size]
-                        for name, _offset, size in nq.field_layout())
-    wire = struct.Struct(fmt)
-    if wire.size != nq.NQE_SIZE:
-        raise AssertionError(f"NQE layout is {wire.size} bytes, not {nq.NQE_SIZE}")
-    return wire
-
-
-_WIRE: Final = _wire_struct()
 _ZERO3: Final = bytes(3)
 
 
 def pack_nqe(op: int, sock_id: int, op_data: int = 0, data_ptr: int = 0, size: int = 0,
              tag: int = 0) -> bytes:
-    """The 32 bytes of a request from this tenant (vm_id 0: the CoreEngine stamps it)."""
-    return _WIRE.pack(op, QSET, 0, sock_id, op_data & _U64, data_ptr, size, tag, _ZERO3)
+    """The 32 bytes of a request from this tenant (vm_id 0: the CoreEngine stamps it).
+
+    Unchecked: GuestLib only builds well-formed NQEs; the packer is the codec's
+    :data:`nq.WIRE`, derived from :data:`nq.NQE_STRUCT` (NQE-1..NQE-3).
+    """
+    return nq.WIRE.pack(op, QSET, 0, sock_id, op_data & _U64, data_ptr, size, tag, _ZERO3)
 
 
 def _signed(op_data: int) -> int:
@@ -688,7 +675,7 @@ class _Device:
             self._die(E.ECONNRESET, "the CoreEngine detached the device")
 
     def _dispatch(self, raw: bytes) -> None:
-        op, _q, _vm, sock_id, op_data, ptr, size, tag, _r = _WIRE.unpack(raw)
+        op, _q, _vm, sock_id, op_data, ptr, size, tag, _r = nq.WIRE.unpack(raw)
         try:
             if op & nq.REPLY_BIT:
                 self._reply(op, sock_id, tag, _signed(op_data))

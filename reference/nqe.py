@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import struct
 from typing import Final, NamedTuple
 
 import construct as cs
@@ -321,6 +322,45 @@ def is_known_op(op: int) -> bool:
     return op in _KNOWN_OPS or op in _REPLY_OPS or op == OP_UNKNOWN_REPLY
 
 
+def wire_struct(declared: cs.Struct) -> struct.Struct:
+    """The :class:`struct.Struct` that reads and writes the same bytes as ``declared``.
+
+    Derived field by field from the construct declaration (a ``FormatField``
+    gives its format character, a fixed-length ``Bytes`` a ``Ns`` field), so
+    the layout is still typed once; raises ``TypeError`` for a field it
+    cannot translate or a mix of byte orders. tests/test_nqe_wire.py checks
+    the twin against the declaration on random inputs.
+    """
+    order = ""
+    codes: list[str] = []
+    for sub in declared.subcons:
+        field = sub.subcon if isinstance(sub, cs.Renamed) else sub
+        if isinstance(field, cs.FormatField):
+            byte_order, code = field.fmtstr[0], field.fmtstr[1:]
+            if order and byte_order != order:
+                raise TypeError(f"field {sub.name}: byte order {byte_order!r} after {order!r}")
+            order = byte_order
+        elif isinstance(field, cs.Bytes) and isinstance(field.length, int):
+            code = f"{field.length}s"
+        else:
+            raise TypeError(f"field {sub.name}: {type(field).__name__} has no struct twin")
+        codes.append(code)
+    twin = struct.Struct((order or "<") + "".join(codes))
+    if twin.size != declared.sizeof():
+        raise TypeError(f"struct twin is {twin.size} bytes, the declaration {declared.sizeof()}")
+    return twin
+
+
+#: :data:`NQE_STRUCT` as a :class:`struct.Struct` (NQE-1, NQE-2), derived from it: the one
+#: packer of the reference. ``WIRE.unpack(raw)`` is the field tuple in declaration order,
+#: unchecked; :func:`pack` and :func:`unpack` add the checks.
+WIRE: Final = wire_struct(NQE_STRUCT)
+FIELDS: Final = tuple(sub.name for sub in NQE_STRUCT.subcons)
+# NQE(*WIRE.unpack(raw)) relies on the dataclass listing the fields in the declaration's order
+if tuple(f.name for f in dataclasses.fields(NQE)) != FIELDS:
+    raise TypeError(f"NQE fields {FIELDS} are not in the declaration's order")
+
+
 def pack(nqe: NQE) -> bytes:
     """Encode ``nqe`` into its 32 bytes (NQE-1..NQE-4).
 
@@ -329,8 +369,8 @@ def pack(nqe: NQE) -> bytes:
     produces such an NQE.
     """
     _check(nqe)
-    data: bytes = NQE_STRUCT.build(dataclasses.asdict(nqe))
-    return data
+    return WIRE.pack(nqe.op, nqe.qset, nqe.vm_id, nqe.sock_id, nqe.op_data, nqe.data_ptr,
+                     nqe.size, nqe.tag, nqe.reserved)
 
 
 def unpack(buf: bytes | bytearray | memoryview) -> NQE:
@@ -340,18 +380,23 @@ def unpack(buf: bytes | bytearray | memoryview) -> NQE:
     for: a buffer that is not exactly 32 bytes, an unknown op, or non-zero
     reserved bytes.
     """
-    raw = bytes(buf)
+    raw = buf if type(buf) is bytes else bytes(buf)
     if len(raw) != NQE_SIZE:
         raise NQEError(
             f"an NQE is {NQE_SIZE} bytes, got {len(raw)}", field="length", errno=_EINVAL
         )
-    c = NQE_STRUCT.parse(raw)
-    nqe = NQE(
-        op=c.op, qset=c.qset, vm_id=c.vm_id, sock_id=c.sock_id, op_data=c.op_data,
-        data_ptr=c.data_ptr, size=c.size, tag=c.tag, reserved=bytes(c.reserved),
-    )
-    _check(nqe)
-    return nqe
+    fields = WIRE.unpack(raw)  # every integer fits its width by construction
+    _check_op_reserved(fields[0], fields[-1])
+    return NQE(*fields)
+
+
+def unpack_unchecked(buf: bytes | bytearray | memoryview) -> NQE:
+    """The fields of 32 bytes as an :class:`NQE`, without the checks of :func:`unpack`.
+
+    For a receiver that must answer an NQE :func:`unpack` rejected (NQE-10..NQE-12).
+    Raises ``struct.error`` if ``buf`` is not 32 bytes.
+    """
+    return NQE(*WIRE.unpack(buf))
 
 
 _EINVAL: Final = 22
@@ -371,11 +416,16 @@ def _check(nqe: NQE) -> None:
             raise NQEError(
                 f"field {name}={value!r} does not fit in 0..{top:#x}", field=name, errno=_EINVAL
             )
-    if not is_known_op(nqe.op):
-        raise NQEError(f"unknown op {nqe.op:#04x}", field="op", errno=_ENOSYS)  # NQE-11
-    if nqe.reserved != b"\x00\x00\x00":  # NQE-4, NQE-10
+    _check_op_reserved(nqe.op, nqe.reserved)
+
+
+def _check_op_reserved(op: int, reserved: bytes) -> None:
+    """The checks left once every field fits its width, as it does after ``WIRE.unpack``."""
+    if not is_known_op(op):
+        raise NQEError(f"unknown op {op:#04x}", field="op", errno=_ENOSYS)  # NQE-11
+    if reserved != b"\x00\x00\x00":  # NQE-4, NQE-10
         raise NQEError(
-            f"reserved bytes 29-31 must be zero, got {nqe.reserved.hex()}",
+            f"reserved bytes 29-31 must be zero, got {reserved.hex()}",
             field="reserved", errno=_EINVAL,
         )
 
@@ -422,7 +472,7 @@ def error_reply(buf: bytes | bytearray | memoryview) -> NQE | None:
         err = exc
     else:
         raise ValueError("error_reply() called on a valid NQE")
-    c = NQE_STRUCT.parse(raw)
+    c = unpack_unchecked(raw)
     if c.op & REPLY_BIT or (c.op in _KNOWN_OPS and (c.op | REPLY_BIT) not in _REPLY_OPS):
         return None
     request = NQE(op=c.op, qset=c.qset, vm_id=c.vm_id, sock_id=c.sock_id, op_data=0,

@@ -377,7 +377,7 @@ class KernelNSM:
             fd, peer = s.backlog.popleft()
             if addr:
                 ctypes.memmove(addr, peer, min(len(peer), nqe.size))
-            self._connection(s, call, fd, len(peer))
+            self._connection(s, call, fd, len(peer) if addr else 0)  # NSM-7: no buffer, 0
             self._update(s)
             return
         fd, alen = ksock.accept(s.fd, addr, nqe.size)

@@ -50,7 +50,7 @@ from typing import Final, Protocol
 from . import bell as bells
 from . import bufpool, shm
 from . import device as dev
-from .nqe import NQE, NQE_STRUCT, NQEError, Op, encode_result, pack, unpack
+from .nqe import NQE, NQEError, Op, encode_result, pack, unpack, unpack_unchecked
 
 log = logging.getLogger("netkernel.servicelib")
 
@@ -320,7 +320,7 @@ class ServiceLib:
         self.counters["malformed"] += 1
         if exc.field == "length":
             return
-        c = NQE_STRUCT.parse(raw)
+        c = unpack_unchecked(raw)
         if c.op & 0x80 or c.op in _EVENTS:
             return
         bare = NQE(op=c.op, qset=c.qset, vm_id=c.vm_id, sock_id=c.sock_id, op_data=0,

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.runtime`` (see bench/README.md). Never a CI gate."""
