@@ -82,49 +82,20 @@ def require_feature(target: targets.Target, feature: str) -> None:
         pytest.skip(f"{UNSUPPORTED}target {target.name!r} does not claim {feature}")
 
 
-@pytest.fixture
-def codec(target: targets.Target) -> Any:
-    return _role(target, "codec")
+def _role_fixture(name: str) -> Any:
+    """A fixture named after a role: the target's adapter for it, or a not-applicable skip."""
+
+    @pytest.fixture(name=name)
+    def fixture(target: targets.Target) -> Any:
+        return _role(target, name)
+
+    fixture.__doc__ = f"The target's {name!r} role (skips the test as not applicable without it)."
+    return fixture
 
 
-@pytest.fixture
-def device(target: targets.Target) -> Any:
-    return _role(target, "device")
-
-
-@pytest.fixture
-def ring(target: targets.Target) -> Any:
-    return _role(target, "ring")
-
-
-@pytest.fixture
-def bufpool(target: targets.Target) -> Any:
-    return _role(target, "bufpool")
-
-
-@pytest.fixture
-def sockets(target: targets.Target) -> Any:
-    return _role(target, "sockets")
-
-
-@pytest.fixture
-def conntable(target: targets.Target) -> Any:
-    return _role(target, "conntable")
-
-
-@pytest.fixture
-def coreengine(target: targets.Target) -> Any:
-    return _role(target, "coreengine")
-
-
-@pytest.fixture
-def nsm(target: targets.Target) -> Any:
-    return _role(target, "nsm")
-
-
-@pytest.fixture
-def guestlib(target: targets.Target) -> Any:
-    return _role(target, "guestlib")
+# One fixture per role: codec, device, ring, bufpool, sockets, conntable, coreengine, nsm, guestlib.
+for _name in targets.ROLES:
+    globals()[f"_fixture_{_name}"] = _role_fixture(_name)
 
 
 @pytest.fixture(scope="session")
