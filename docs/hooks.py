@@ -286,7 +286,10 @@ def _run_cli(args: list[str], page: Page, expect: int) -> tuple[list[str], str, 
     argv = [re.sub(r"\{([a-z-]+)\}", lambda m: example_hex(m.group(1)), a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(argv)
+        try:
+            status = cli.main(argv)
+        except SystemExit as exc:  # argparse's --help and usage errors exit; the build must not
+            status = exc.code if isinstance(exc.code, int) else cli.EXIT_USAGE
     if status != expect:
         raise PluginError(f"{page.file.src_uri}: `netkernel {shlex.join(argv)}` exited"
                           f" {status}, expected {expect}: {err.getvalue().strip()}")
