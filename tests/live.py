@@ -164,18 +164,21 @@ def own_instance(monkeypatch: pytest.MonkeyPatch | None = None, **up: Any) -> It
         instance.down(name)
 
 
-def pids_of(name: str) -> list[int]:
-    """Every live process whose command line names ``name`` as an argument."""
+def pids_of(name: str, *, environ: bool = False) -> list[int]:
+    """Every live process whose command line names ``name`` as an argument (pid reuse
+    cannot match), or with ``environ`` whose environment sets NETKERNEL_INSTANCE to it."""
     found = []
+    env_entry = f"NETKERNEL_INSTANCE={name}".encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
             args = proc.joinpath("cmdline").read_bytes().split(b"\0")
+            env = proc.joinpath("environ").read_bytes().split(b"\0") if environ else []
             state = proc.joinpath("stat").read_text().rpartition(")")[2].split()[0]
         except OSError:
             continue
-        if name.encode() in args and state not in ("Z", "X"):
+        if (name.encode() in args or env_entry in env) and state not in ("Z", "X"):
             found.append(int(proc.name))
     return found
 

@@ -15,6 +15,7 @@ import pytest
 
 from netkernel import instance
 from netkernel.reference import shm
+from tests.live import pids_of
 
 DEMO_TIMEOUT = 120
 
@@ -32,21 +33,6 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _pids_named(name: str) -> list[int]:
-    """Processes whose command line or environment names the instance."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            args = proc.joinpath("cmdline").read_bytes().split(b"\0")
-            env = proc.joinpath("environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (name.encode() in args or f"NETKERNEL_INSTANCE={name}".encode() in env) \
-                and _alive(int(proc.name)):
-            found.append(int(proc.name))
-    return found
 
 
 def _reported_pids(out: str) -> list[int]:
@@ -58,7 +44,7 @@ def name() -> Iterator[str]:
     """A unique instance name; whatever it left running is killed afterwards."""
     n = f"t-demo-{uuid.uuid4().hex[:8]}"
     yield n
-    for pid in _pids_named(n):
+    for pid in pids_of(n, environ=True):
         os.kill(pid, signal.SIGKILL)
     shm.remove_instance(n)
 
@@ -94,7 +80,7 @@ def test_demo_starts_an_embedded_instance_and_leaves_nothing(name: str) -> None:
     pids = _reported_pids(out)
     assert len(set(pids)) >= 4, out  # CoreEngine, NSM, server, client
     assert [pid for pid in pids if _alive(pid)] == []
-    assert _pids_named(name) == []
+    assert pids_of(name, environ=True) == []
     assert not shm.instance_dir(name).exists()
 
 
@@ -111,7 +97,7 @@ def test_demo_uses_a_running_instance_and_leaves_it_running(name: str) -> None:
             [n["pid"] for n in up["nsms"]]
         assert doc["tenants"] == [] and doc["sockets"] == 0
         assert sorted(p.name for p in shm.instance_dir(name).glob("vm-*")) == []
-        assert set(_pids_named(name)) == {up["pid"], *(n["pid"] for n in up["nsms"])}
+        assert set(pids_of(name, environ=True)) == {up["pid"], *(n["pid"] for n in up["nsms"])}
     finally:
         instance.down(name)
 
@@ -151,7 +137,7 @@ def test_demo_interrupted_stops_the_embedded_instance(name: str, when: str, sig:
     assert proc.returncode == 130, text + err
     assert "netkernel demo: interrupted" in text
     assert [pid for pid in _reported_pids(text) if _alive(pid)] == []
-    assert _pids_named(name) == []
+    assert pids_of(name, environ=True) == []
     assert not shm.instance_dir(name).exists()
 
 

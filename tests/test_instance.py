@@ -9,12 +9,12 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from netkernel import instance
 from netkernel.reference import coreengine, shm
+from tests.live import pids_of
 
 CLI_TIMEOUT = 60
 
@@ -24,20 +24,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=CLI_TIMEOUT)
 
 
-def _pids_of(name: str) -> list[int]:
-    """Every process whose command line names the instance (pid reuse cannot match)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            args = proc.joinpath("cmdline").read_bytes().split(b"\0")
-            state = proc.joinpath("stat").read_text().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if name.encode() in args and state != "Z":
-            found.append(int(proc.name))
-    return found
 
 
 @pytest.fixture
@@ -45,7 +31,7 @@ def name() -> Iterator[str]:
     """A unique instance name; whatever it left running is killed afterwards."""
     n = f"t-inst-{uuid.uuid4().hex[:8]}"
     yield n
-    for pid in _pids_of(n):
+    for pid in pids_of(n):
         os.kill(pid, signal.SIGKILL)
     shm.remove_instance(n)
 
@@ -66,14 +52,14 @@ def test_up_status_down_with_the_kernel_nsm(name: str) -> None:
     assert [(n["id"], n["pid"]) for n in doc["nsms"]] == [
         (1, int((d / "nsm-1.pid").read_text()))]
     assert doc["pid"] == int((d / "engine.pid").read_text())
-    assert set(_pids_of(name)) == {doc["pid"], doc["nsms"][0]["pid"]}
+    assert set(pids_of(name)) == {doc["pid"], doc["nsms"][0]["pid"]}
 
     text = _cli("status", "--instance", name)
     assert text.returncode == 0 and f"instance {name}" in text.stdout and "NSMs: 1" in text.stdout
 
     down = _cli("down", "--instance", name)
     assert down.returncode == 0, down.stderr
-    assert _pids_of(name) == []
+    assert pids_of(name) == []
     assert not d.exists()
 
 
@@ -97,7 +83,7 @@ def test_instance_from_the_environment_and_a_tenant_attached(name: str) -> None:
             os.environ.pop("NETKERNEL_INSTANCE", None)
         else:
             os.environ["NETKERNEL_INSTANCE"] = env_before
-    assert _pids_of(name) == []
+    assert pids_of(name) == []
     assert not shm.instance_dir(name).exists()
 
 
@@ -115,13 +101,13 @@ def test_up_twice_is_refused_and_down_cleans_a_killed_instance(name: str) -> Non
     os.kill(doc["pid"], signal.SIGKILL)  # a crashed CoreEngine leaves its files behind
     assert shm.instance_dir(name).exists()
     instance.down(name)
-    assert _pids_of(name) == [] and not shm.instance_dir(name).exists()
+    assert pids_of(name) == [] and not shm.instance_dir(name).exists()
 
 
 def test_up_fails_cleanly_when_the_nsm_cannot_start(name: str) -> None:
     with pytest.raises(instance.InstanceError, match="NSM kernel"):
         instance.up(name, netns=f"no-such-netns-{name}", timeout=10)
-    assert _pids_of(name) == [] and not shm.instance_dir(name).exists()
+    assert pids_of(name) == [] and not shm.instance_dir(name).exists()
 
 
 def test_bad_instance_name_is_refused() -> None:
@@ -153,6 +139,6 @@ def test_up_starts_the_nsm_inside_a_network_namespace(name: str) -> None:
         assert netns_of(f"/proc/{nsm['pid']}/ns/net") == netns_of(f"/run/netns/{netns}")
         assert netns_of(f"/proc/{doc['pid']}/ns/net") == netns_of("/proc/self/ns/net")
         instance.down(name)
-        assert _pids_of(name) == [] and not shm.instance_dir(name).exists()
+        assert pids_of(name) == [] and not shm.instance_dir(name).exists()
     finally:
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
