@@ -8,40 +8,18 @@ GuestLib sockets created in the test attach to it.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
-
-def _runtime_available() -> str | None:
-    """Why an instance cannot be started here, or None if it can."""
-    for module in ("netkernel.instance", "netkernel.reference.coreengine",
-                   "netkernel.reference.nsm_kernel"):
-        try:
-            if importlib.util.find_spec(module) is None:
-                return f"{module} does not exist yet"
-        except ImportError as exc:
-            return f"{module}: {exc}"
-    return None
+from tests.live import own_instance
 
 
 @pytest.fixture(scope="module")
 def nk_instance_name() -> Iterator[str]:
     """A running instance shared by the tests of one module; its name."""
-    missing = _runtime_available()
-    if missing:
-        pytest.skip(f"no NetKernel runtime: {missing}")
-    from netkernel import instance
-
-    name = f"test-{uuid.uuid4().hex[:10]}"
-    instance.up(name)
-    try:
+    with own_instance() as name:
         yield name
-    finally:
-        instance.down(name)
 
 
 @pytest.fixture
@@ -49,5 +27,4 @@ def nk_instance(nk_instance_name: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The module's running instance, named by ``NETKERNEL_INSTANCE`` for this test."""
     monkeypatch.setenv("NETKERNEL_INSTANCE", nk_instance_name)
     monkeypatch.delenv("NETKERNEL_ROOT", raising=False)
-    assert os.environ["NETKERNEL_INSTANCE"] == nk_instance_name
     return nk_instance_name

@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from netkernel import instance
+
 
 @contextlib.contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
@@ -138,21 +140,10 @@ class Program:
         self.close()
 
 
-def runtime_missing() -> str | None:
-    from tests.conftest import _runtime_available
-
-    return _runtime_available()
-
-
 @contextlib.contextmanager
 def own_instance(monkeypatch: pytest.MonkeyPatch | None = None, **up: Any) -> Iterator[str]:
     """A fresh instance named uniquely, named by NETKERNEL_INSTANCE if ``monkeypatch`` is
     given; stopped and removed afterwards whatever state the test left it in."""
-    missing = runtime_missing()
-    if missing:
-        pytest.skip(f"no NetKernel runtime: {missing}")
-    from netkernel import instance
-
     name = f"test-{uuid.uuid4().hex[:10]}"
     if monkeypatch is not None:
         monkeypatch.delenv("NETKERNEL_ROOT", raising=False)

@@ -38,6 +38,7 @@ from netkernel.reference import bell, guestlib, shm
 from netkernel.reference import device as dev
 from netkernel.reference import nqe as nq
 from netkernel.reference.nqe import NQE, Op
+from tests import live
 
 # -- pure parts ----------------------------------------------------------------------------
 
@@ -940,21 +941,8 @@ def test_call_sequences_match_linux(nk_instance: str, family: int, kind: int) ->
 @pytest.fixture
 def own_instance(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """An instance of this test alone (the test may break it)."""
-    from tests.conftest import _runtime_available
-
-    missing = _runtime_available()
-    if missing:
-        pytest.skip(f"no NetKernel runtime: {missing}")
-    from netkernel import instance
-
-    name = f"test-{uuid.uuid4().hex[:10]}"
-    monkeypatch.delenv("NETKERNEL_ROOT", raising=False)
-    monkeypatch.setenv("NETKERNEL_INSTANCE", name)
-    instance.up(name)
-    try:
+    with live.own_instance(monkeypatch) as name:
         yield name
-    finally:
-        instance.down(name)
 
 
 def test_dead_nsm_fails_blocked_and_later_calls_within_a_second(own_instance: str) -> None:
