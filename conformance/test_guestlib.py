@@ -238,6 +238,36 @@ def test_call_sequences_give_linux_results(inst: Instance, guestlib: Any, family
         nk.close()
 
 
+def _close_after_reading(factory: Any, read: int) -> str:
+    """Accept on ``factory``'s server, let a Linux peer send, read ``read`` bytes, close.
+
+    How the peer sees the end: "reset" (recv raised ConnectionResetError) or "eof".
+    """
+    with factory.create_server((LOOP, 0)) as server, \
+            socket.create_connection(server.getsockname()[:2], timeout=5) as peer:
+        conn, _ = server.accept()
+        peer.sendall(b"0123456789")
+        assert select.select([conn], [], [], 5)[0], "the data never arrived"
+        if read:
+            conn.settimeout(5)
+            assert conn.recv(read) == b"0123456789"[:read]
+        conn.close()
+        try:
+            while peer.recv(1 << 16):
+                pass
+        except ConnectionResetError:
+            return "reset"
+        return "eof"
+
+
+@pytest.mark.req("GL-2")
+def test_closing_with_unread_data_resets_as_linux_does(inst: Instance, guestlib: Any) -> None:
+    for read in (0, 4, 10):
+        linux = _close_after_reading(socket, read)
+        assert linux == ("eof" if read == 10 else "reset")  # tcp_close: unread data, RST
+        assert _close_after_reading(guestlib, read) == linux, f"close after reading {read} of 10"
+
+
 # -- readiness and waiting ------------------------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ from netkernel.conformance.runtime import (
 from netkernel.conformance.targets import Process, Target
 from netkernel.reference import bufpool
 from netkernel.reference import device as dev
-from netkernel.reference.nqe import NQE, Op
+from netkernel.reference.nqe import CLOSE_ABORT, NQE, Op
 
 LOOP = "127.0.0.1"
 LOOP6 = "::1"
@@ -661,6 +661,39 @@ def test_close_answers_waiting_calls_ebadf(nsm: Any, raw: Raw, tenant: RawTenant
             while peer.recv(1 << 20):
                 pass  # the connection ended: its peer sees it end
     assert tenant.quiet(of(s), 0.05)
+
+
+def _peer_sees(peer: socket.socket) -> str:
+    """How the Linux end sees its connection end: "reset" or "eof"."""
+    peer.settimeout(5)
+    try:
+        while peer.recv(1 << 16):
+            pass
+    except ConnectionResetError:
+        return "reset"
+    return "eof"
+
+
+@pytest.mark.req("NSM-8")
+def test_close_with_unread_data_resets_the_stream(nsm: Any, raw: Raw, tenant: RawTenant,
+                                                   linux_listener: socket.socket) -> None:
+    with socket.create_connection(linux_listener.getsockname()) as mine:  # Linux, the oracle
+        peer, _ = linux_listener.accept()
+        with peer:
+            peer.sendall(b"never read")
+            time.sleep(0.05)
+            mine.close()
+            assert _peer_sees(peer) == "reset"
+    for abort, seen in ((CLOSE_ABORT, "reset"), (0, "eof")):
+        s, peer = raw.connected(linux_listener)
+        with peer:
+            peer.sendall(b"never read")
+            ev = tenant.event(of(s, Op.EV_DATA))
+            assert tenant.payload(ev) == b"never read"
+            tenant.buf_return(ev)  # out of the stack either way: ABORT alone says "unread"
+            assert tenant.do(Op.CLOSE, s, abort) == 0
+            assert _peer_sees(peer) == seen, f"CLOSE with op_data {abort}"
+        assert tenant.quiet(of(s), 0.05)
 
 
 @pytest.mark.req("NSM-9")

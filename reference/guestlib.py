@@ -54,6 +54,9 @@ do (tests/test_guestlib.py runs random call sequences on both):
   handshake returns 0, after a failed one its error (ECONNABORTED once
   SO_ERROR read it), and then the NSM's socket is made to collect the
   failure too, so it ends up disconnected like the application's would.
+* close with received data the application never read resets the connection
+  as tcp_close does: the data already left the NSM's socket, so the CLOSE
+  says so (op_data ABORT) and the NSM closes with SO_LINGER {on, 0}.
 * CPython's three modes: blocking and non-blocking sockets make the call
   directly; a socket with a timeout first waits for poll readiness and
   treats EAGAIN as "wait more" (``sock_call_ex``), so e.g. ``send`` on a
@@ -348,6 +351,7 @@ class _Conn:
         self.refs = 1
         self.closed = False
         self.close_sent = False
+        self.unread = False  # closed with received data unread: CLOSE asks for a reset (GL-2)
         self.st = St.CLOSE
         self.sk = Sk.UNCONNECTED
         self.shutdown = 0
@@ -726,6 +730,7 @@ class _Device:
                     conn.rx.append(rx)
                     conn.changed()
                     return
+                conn.unread = conn.unread or conn.stream  # Linux resets on data after close
         self.buf_return(rx)  # nobody will read it
 
     def _ev_fin(self, sock_id: int, _arg: int, _ptr: int, _size: int) -> None:
@@ -1812,6 +1817,8 @@ def _release(conn: _Conn) -> None:
 
     Like close(2) this does not wait: received buffers go back at once, and
     CLOSE follows the SENDs still in flight (on JOB it would overtake them).
+    A stream closed with received data unread is reset, as Linux's tcp_close
+    does: the CLOSE carries ABORT (GL-2, NSM-8).
     """
     with conn.cond:
         conn.refs -= 1
@@ -1820,6 +1827,7 @@ def _release(conn: _Conn) -> None:
         conn.closed = True
         held = list(conn.rx)
         conn.rx.clear()
+        conn.unread = conn.stream and any(rx.pos < rx.end for rx in held)
         queued = [c for c, _ in conn.acceptq]
         conn.acceptq.clear()
         _close_evfd(conn)
@@ -1848,7 +1856,7 @@ def _send_close(conn: _Conn) -> None:
     call = _Call(Op.CLOSE, conn, None, 0, on_done=lambda c: d.forget(c.conn))
     call.waited = False
     try:
-        d.call(call, block=False)
+        d.call(call, nq.CLOSE_ABORT if conn.unread else 0, block=False)
     except OSError:
         d.forget(conn)
 

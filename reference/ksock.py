@@ -201,3 +201,9 @@ def lingers(fd: int) -> bool:
         return False
     onoff, seconds = _linger.unpack(bytes(out))
     return bool(onoff) and seconds > 0
+
+
+def linger_reset(fd: int) -> int:
+    """SO_LINGER {on, 0}: the next close(2) resets the connection (RST), 0 or -errno."""
+    value = ctypes.create_string_buffer(_linger.pack(1, 0), _linger.size)
+    return _result(_setsockopt(fd, SOL_SOCKET, SO_LINGER, value, _linger.size))

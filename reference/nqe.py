@@ -23,6 +23,7 @@ import construct as cs
 
 NQE_SIZE: Final = 32  # NQE-1
 REPLY_BIT: Final = 0x80  # NQE-8: a reply's op is its request's op with bit 7 set
+CLOSE_ABORT: Final = 1  # CLOSE op_data bit 0: closed with received data unread (NSM-8)
 SOCK_NONE: Final = 0  # NQE-7: socket ID 0 names no socket (control ops)
 U8_MAX: Final = 0xFF
 U16_MAX: Final = 0xFFFF
@@ -163,7 +164,8 @@ OPS: Final[dict[Op, OpInfo]] = {
     ),
     Op.CLOSE: OpInfo(
         Dir.REQUEST, "job", True,
-        "0",
+        "bit 0: ABORT, the application closed with received data unread (a stream"
+        " is reset, as Linux does); bits 1-63: 0",
         "none",
         "0; the socket ID is free for reuse once the reply is read",
     ),

@@ -34,7 +34,9 @@ SEND                the kernel takes the tenant's bytes in place; on EAGAIN
                     and is answered when done; MSG_DONTWAIT answers at once
 SHUTDOWN(WR)        with SENDs queued: answered at once, done after them
 CLOSE               pending calls of the socket are answered -EBADF; the reply
-                    follows the socket's last event (NQE-16)
+                    follows the socket's last event (NQE-16); with ABORT (bit
+                    0: the tenant held unread data) SO_LINGER {on, 0} makes
+                    close(2) reset the connection, as Linux does (NSM-8)
 socket options      an allowlist of plain-valued options; others -ENOPROTOOPT
 =================  ==========================================================
 
@@ -63,7 +65,7 @@ from types import FrameType
 from typing import Final
 
 from . import ksock, shm
-from .nqe import Op
+from .nqe import CLOSE_ABORT, Op
 from .servicelib import (
     EVENT_RING,
     AttachError,
@@ -514,7 +516,15 @@ class KernelNSM:
             self._update(s)
 
     def _close(self, call: Call, area: TenantArea, s: Sock) -> None:
-        """CLOSE: answered after the socket's last event has been read (NQE-16)."""
+        """CLOSE: answered after the socket's last event has been read (NQE-16).
+
+        With ABORT the tenant held data its application never read: Linux
+        resets a connection closed so (tcp_close), and SO_LINGER {on, 0} makes
+        our close(2) do that too. Bytes still in our own socket make close(2)
+        reset it without help (NSM-8).
+        """
+        if s.stream and call.nqe.op_data & CLOSE_ABORT:
+            ksock.linger_reset(s.fd)
         self._destroy(s, reason=-errno.EBADF)
         self.lib.reply_after(self.lib.last_ticket(s.qset, EVENT_RING), call, 0)
 

@@ -376,7 +376,12 @@ def test_queue_sets_and_bell_wakeups(
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind((LOOP, 0))
     for qset, sock in ((1, 7), (0, 8)):
-        time.sleep(0.1)  # let the NSM fall asleep
+        # let the NSM fall asleep: it has set NEED_WAKEUP on the ring this call goes to
+        ring = ce.nsm.ring(qset, dev.RingId.COMPLETION)
+        deadline = time.monotonic() + 5
+        while not ring.consumer_sleeping():
+            assert time.monotonic() < deadline, "the NSM never went to sleep"
+            time.sleep(0.005)
         before = nsm.lib.counters["bell_wakeups"]
         assert ce.do(Op.SOCKET, sock, DGRAM, qset=qset) == 0
         assert nsm.lib.counters["bell_wakeups"] > before
