@@ -76,6 +76,20 @@ def wait_until(what: str, ready: Callable[[], Any], timeout: float = 5.0,
 # -- the control protocol ---------------------------------------------------------------------
 
 
+
+def closes_within(sock: socket.socket, timeout: float) -> bool:
+    """True if the peer of ``sock`` closes the connection within ``timeout`` s (data is
+    read and dropped meanwhile)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
 class Control:
     """One connection to an instance's ``engine.sock`` (RT-2): a JSON object per line each way."""
 
@@ -110,15 +124,7 @@ class Control:
 
     def at_eof(self, timeout: float) -> bool:
         """True if the other side closes the connection within ``timeout`` s."""
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                if not self.sock.recv(4096):
-                    return True
-        except TimeoutError:
-            return False
-        except OSError:
-            return True
+        return closes_within(self.sock, timeout)
 
     def close(self) -> None:
         self.sock.close()
@@ -493,15 +499,7 @@ class EngineDouble:
 
     def nsm_gone(self, timeout: float) -> bool:
         assert self.conn is not None
-        self.conn.settimeout(timeout)
-        try:
-            while True:
-                if not self.conn.recv(4096):
-                    return True
-        except TimeoutError:
-            return False
-        except OSError:
-            return True
+        return closes_within(self.conn, timeout)
 
     def close(self) -> None:
         """Hang up on the NSM (it is to exit, NSM-2) and remove the directory."""
