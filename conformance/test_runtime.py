@@ -110,7 +110,9 @@ def test_attach_refuses_what_it_cannot_honour(inst: Instance, request_: dict[str
     before = {p.name for p in inst.dir.iterdir()}
     reply = control(inst.dir, request_)
     assert reply["ok"] is False and reply["error"], reply
-    assert {p.name for p in inst.dir.iterdir()} == before, "a refused attach left a file"
+    # files of earlier tests' devices may still be going away (detach is asynchronous, RT-4):
+    # what matters is that the refused attach added none
+    assert {p.name for p in inst.dir.iterdir()} <= before, "a refused attach left a file"
 
 
 @pytest.mark.req("RT-4")
