@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -75,6 +76,46 @@ def wait_until(what: str, ready: Callable[[], Any], timeout: float = 5.0,
 
 # -- the control protocol ---------------------------------------------------------------------
 
+
+
+class Side:
+    """One side of the comparison: a socket factory, a listener and a UDP peer."""
+
+    def __init__(self, make: Callable[..., Any], family: int) -> None:
+        self.make = make
+        self.host = "127.0.0.1" if family == socket.AF_INET else "::1"
+        self.listener = make(family, socket.SOCK_STREAM)
+        self.listener.bind((self.host, 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.05)
+        self.udp = make(family, socket.SOCK_DGRAM)
+        self.udp.bind((self.host, 0))
+        self.held: list[Any] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while self.running:
+            with contextlib.suppress(OSError):
+                self.held.append(self.listener.accept()[0])
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(2)
+        for s in [self.listener, self.udp, *self.held]:
+            s.close()
+
+
+def peer_sees(peer: socket.socket, timeout: float = 5) -> str:
+    """How a Linux end sees its connection end: "reset" (ECONNRESET) or "eof"."""
+    peer.settimeout(timeout)
+    try:
+        while peer.recv(1 << 16):
+            pass
+    except ConnectionResetError:
+        return "reset"
+    return "eof"
 
 
 def closes_within(sock: socket.socket, timeout: float) -> bool:

@@ -32,7 +32,14 @@ from typing import Any
 
 import pytest
 
-from netkernel.conformance.runtime import Instance, Runtime, unique_name, wait_until
+from netkernel.conformance.runtime import (
+    Instance,
+    Runtime,
+    Side,
+    peer_sees,
+    unique_name,
+    wait_until,
+)
 
 LOOP = "127.0.0.1"
 LOOP6 = "::1"
@@ -124,35 +131,6 @@ def test_a_drop_in_for_socket_socket(inst: Instance, guestlib: Any, family: int)
 
 
 # -- Linux is the oracle -------------------------------------------------------------------------
-
-
-class Side:
-    """One side of the comparison: a socket factory, a listener and a UDP peer."""
-
-    def __init__(self, make: Callable[..., Any], family: int) -> None:
-        self.make = make
-        self.host = HOSTS[family]
-        self.listener = make(family, socket.SOCK_STREAM)
-        self.listener.bind((self.host, 0))
-        self.listener.listen(64)
-        self.listener.settimeout(0.05)
-        self.udp = make(family, socket.SOCK_DGRAM)
-        self.udp.bind((self.host, 0))
-        self.held: list[Any] = []
-        self.running = True
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while self.running:
-            with contextlib.suppress(OSError):
-                self.held.append(self.listener.accept()[0])
-
-    def close(self) -> None:
-        self.running = False
-        self.thread.join(2)
-        for s in [self.listener, self.udp, *self.held]:
-            s.close()
 
 
 def _nonblocking(s: Any, fn: Callable[[], Any]) -> Any:
@@ -252,12 +230,7 @@ def _close_after_reading(factory: Any, read: int) -> str:
             conn.settimeout(5)
             assert conn.recv(read) == b"0123456789"[:read]
         conn.close()
-        try:
-            while peer.recv(1 << 16):
-                pass
-        except ConnectionResetError:
-            return "reset"
-        return "eof"
+        return peer_sees(peer)
 
 
 @pytest.mark.req("GL-2")

@@ -43,6 +43,7 @@ from netkernel.conformance.runtime import (
     Instance,
     RawTenant,
     Runtime,
+    peer_sees,
     wait_until,
 )
 from netkernel.conformance.targets import Process, Target
@@ -663,17 +664,6 @@ def test_close_answers_waiting_calls_ebadf(nsm: Any, raw: Raw, tenant: RawTenant
     assert tenant.quiet(of(s), 0.05)
 
 
-def _peer_sees(peer: socket.socket) -> str:
-    """How the Linux end sees its connection end: "reset" or "eof"."""
-    peer.settimeout(5)
-    try:
-        while peer.recv(1 << 16):
-            pass
-    except ConnectionResetError:
-        return "reset"
-    return "eof"
-
-
 @pytest.mark.req("NSM-8")
 def test_close_with_unread_data_resets_the_stream(nsm: Any, raw: Raw, tenant: RawTenant,
                                                    linux_listener: socket.socket) -> None:
@@ -683,7 +673,7 @@ def test_close_with_unread_data_resets_the_stream(nsm: Any, raw: Raw, tenant: Ra
             peer.sendall(b"never read")
             time.sleep(0.05)
             mine.close()
-            assert _peer_sees(peer) == "reset"
+            assert peer_sees(peer) == "reset"
     for abort, seen in ((CLOSE_ABORT, "reset"), (0, "eof")):
         s, peer = raw.connected(linux_listener)
         with peer:
@@ -692,7 +682,7 @@ def test_close_with_unread_data_resets_the_stream(nsm: Any, raw: Raw, tenant: Ra
             assert tenant.payload(ev) == b"never read"
             tenant.buf_return(ev)  # out of the stack either way: ABORT alone says "unread"
             assert tenant.do(Op.CLOSE, s, abort) == 0
-            assert _peer_sees(peer) == seen, f"CLOSE with op_data {abort}"
+            assert peer_sees(peer) == seen, f"CLOSE with op_data {abort}"
         assert tenant.quiet(of(s), 0.05)
 
 

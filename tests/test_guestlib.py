@@ -34,6 +34,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from netkernel.conformance.runtime import Side
 from netkernel.reference import bell, guestlib, shm
 from netkernel.reference import device as dev
 from netkernel.reference import nqe as nq
@@ -819,36 +820,15 @@ CALLS = st.sampled_from([
 ])
 
 
-class Backend:
-    """One side of the comparison: a socket factory and a listener to connect to."""
+class Backend(Side):
+    """One side of the comparison: the conformance suite's listener and UDP peer, with
+    their ports at hand."""
 
     def __init__(self, make: Callable[..., Any], family: int) -> None:
-        self.make = make
-        self.family = family
-        self.host = "127.0.0.1" if family == std.AF_INET else "::1"
-        self.listener = make(family, std.SOCK_STREAM)
-        self.listener.bind((self.host, 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        self.udp_peer = make(family, std.SOCK_DGRAM)
-        self.udp_peer.bind((self.host, 0))
-        self.udp_port = self.udp_peer.getsockname()[1]
-        self.held: list[Any] = []  # accepted and kept open: the subject sees no EOF
+        super().__init__(make, family)
         self.listener.settimeout(0.2)
-        self.running = True
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while self.running:
-            with contextlib.suppress(OSError):
-                self.held.append(self.listener.accept()[0])
-
-    def close(self) -> None:
-        self.running = False
-        self.thread.join(2)
-        for s in [self.listener, self.udp_peer, *self.held]:
-            s.close()
+        self.port = self.listener.getsockname()[1]
+        self.udp_port = self.udp.getsockname()[1]
 
 
 def _nonblocking(s: Any, mode: float | None, fn: Callable[[], Any]) -> Any:
