@@ -1,0 +1,94 @@
+"""Build the C fast path with cffi's out-of-line API mode (``pip install`` runs this).
+
+``setup.py`` names :data:`ffibuilder`; ``pip install -e .`` compiles every
+``csrc/*.c`` with the headers of ``csrc/include/nk/`` into the extension
+``netkernel.fastpath._nk``. The declarations cffi sees are ``csrc/cdef/*.h``
+(plain C: cffi's parser takes no macros or inline bodies), read in name order;
+a file whose first line says ``cffi: packed`` is declared packed.
+
+``python fastpath/build.py [--sanitize] --out DIR`` builds the same extension
+(with AddressSanitizer and UndefinedBehaviorSanitizer) into ``DIR`` and prints
+its path; ``NETKERNEL_FASTPATH_EXT`` pointed at it loads it instead of the
+installed one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+from cffi import FFI
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+#: Warnings are errors, in our sources and in what cffi generates around them.
+CFLAGS = ["-std=gnu11", "-O2", "-g", "-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing"]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+            "-fno-omit-frame-pointer", "-O1"]
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    exe = cc.split()[0]
+    if shutil.which(exe) is None:
+        raise SystemExit(
+            f"netkernel: the C fast path needs a C compiler and none was found ({exe!r}).\n"
+            "  Debian/Ubuntu: apt-get install gcc    Fedora: dnf install gcc\n"
+            "  or set CC to a C11 compiler."
+        )
+    return exe
+
+
+def _rel(path: Path) -> str:
+    """Source paths relative to the project root when building from it (setuptools wants that)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def make(sanitize: bool = False, relative: bool = True) -> FFI:
+    """The FFI builder; ``relative`` paths for setuptools, absolute for ``compile()``."""
+    _compiler()
+    rel = _rel if relative else str
+    ffi = FFI()
+    for decl in sorted((CSRC / "cdef").glob("*.h")):
+        text = decl.read_text()
+        ffi.cdef(text, packed="cffi: packed" in text.partition("\n")[0])
+    headers = "\n".join(f'#include "nk/{h.name}"'
+                        for h in sorted((CSRC / "include" / "nk").glob("*.h")))
+    flags = CFLAGS + (SANITIZE if sanitize else [])
+    ffi.set_source(
+        "netkernel.fastpath._nk", headers,
+        sources=[rel(p) for p in sorted(CSRC.glob("*.c"))],
+        include_dirs=[rel(CSRC / "include")],
+        extra_compile_args=flags,
+        extra_link_args=SANITIZE[:1] if sanitize else [],
+    )
+    return ffi
+
+
+ffibuilder = make(sanitize=False)
+
+def main(argv: list[str]) -> None:
+    """``build.py [--sanitize] --out DIR``: build the extension into DIR, print the .so's path.
+
+    For a second build beside the installed one (CI's sanitizer run, or a
+    developer's scratch build): ``export NETKERNEL_FASTPATH_EXT=$(python
+    fastpath/build.py --out /tmp/nk)`` makes ``netkernel.fastpath`` load it.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="fastpath/build.py")
+    ap.add_argument("--sanitize", action="store_true", help="ASan + UBSan")
+    ap.add_argument("--out", required=True, type=Path, help="build directory")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    so = make(sanitize=args.sanitize, relative=False).compile(tmpdir=str(args.out.resolve()), verbose=False)
+    print(so)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,49 @@
+"""``--target fastpath``: the C fast path, role by role (conformance/targets.py).
+
+Every role the fast path implements is here; a role it does not implement is
+listed in :data:`NOT_APPLICABLE` with the reason, and the suite reports its
+tests as not applicable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from netkernel.conformance.targets import Launcher, Target, WithProcess
+
+#: role -> the fast-path module that plays it
+MODULES = {
+    "codec": "netkernel.fastpath.nqe",
+    "device": "netkernel.fastpath.device",
+    "ring": "netkernel.fastpath.ring",
+    "bufpool": "netkernel.fastpath.bufpool",
+    "conntable": "netkernel.fastpath.conntable",
+    "coreengine": "netkernel.fastpath.engine",
+    "guestlib": "netkernel.fastpath.guestlib",
+}
+PROCESSES = {
+    "coreengine": Launcher(("{python}", "-m", "netkernel.fastpath.coreengine",
+                            "--instance", "{instance}")),
+    "nsm": Launcher(("{python}", "-m", "netkernel.fastpath.nsm_kernel",
+                     "--instance", "{instance}")),
+}
+NOT_APPLICABLE = {
+    "sockets": "the fast path keeps no socket state machine of its own: the NSM's stack"
+               " (Linux TCP) is the state machine, checked end to end by the nsm and"
+               " guestlib roles",
+}
+
+
+def target() -> Target:
+    roles: dict[str, Any] = {}
+    for role, name in MODULES.items():
+        try:
+            roles[role] = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    if "coreengine" in roles:
+        roles["coreengine"] = WithProcess(roles["coreengine"], PROCESSES["coreengine"])
+    roles["nsm"] = PROCESSES["nsm"]
+    return Target("fastpath", roles, frozenset({"FUTEX_BELLS"}))
