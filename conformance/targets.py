@@ -71,12 +71,16 @@ class Target:
     #: Optional features the target claims (e.g. "FUTEX_BELLS"); a test of a
     #: feature not claimed is reported "unsupported", not failed.
     features: frozenset[str] = frozenset()
+    #: Roles the target deliberately does not implement, with the reason the report gives.
+    not_applicable: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def role(self, name: str) -> Any:
         try:
             return self.roles[name]
         except KeyError:
-            raise RoleMissing(f"target {self.name!r} provides no {name!r} role") from None
+            why = self.not_applicable.get(name)
+            raise RoleMissing(f"target {self.name!r} provides no {name!r} role"
+                              + (f": {why}" if why else "")) from None
 
 
 class Process:

@@ -46,4 +46,4 @@ def target() -> Target:
     if "coreengine" in roles:
         roles["coreengine"] = WithProcess(roles["coreengine"], PROCESSES["coreengine"])
     roles["nsm"] = PROCESSES["nsm"]
-    return Target("fastpath", roles, frozenset({"FUTEX_BELLS"}))
+    return Target("fastpath", roles, frozenset({"FUTEX_BELLS"}), dict(NOT_APPLICABLE))

@@ -281,7 +281,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from netkernel import instance
 
     try:
-        doc = instance.up(args.instance, nsm=args.nsm, netns=args.netns, timeout=args.timeout)
+        doc = instance.up(args.instance, nsm=args.nsm, netns=args.netns, timeout=args.timeout,
+                          impl=args.impl)
     except (instance.InstanceError, ValueError) as exc:
         print(f"{args.prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -324,6 +325,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_instance_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def impl_arg(p: argparse.ArgumentParser) -> None:
+        from netkernel.instance import DEFAULT_IMPL, IMPLS
+
+        p.add_argument("--impl", default=DEFAULT_IMPL, choices=list(IMPLS),
+                       help="which implementation runs the CoreEngine and the NSM: 'fastpath'"
+                            " (C, the default) or 'reference' (pure Python, the model)")
+
     def instance_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--instance", metavar="NAME", default=None,
                        help="instance name (default: $NETKERNEL_INSTANCE, else 'default')")
@@ -335,6 +343,7 @@ def _add_instance_commands(commands: argparse._SubParsersAction[argparse.Argumen
                    help="the NSM to start: 'kernel' (Linux sockets) or 'none'")
     p.add_argument("--netns", metavar="NAME", default=None,
                    help="run the NSM inside this network namespace (ip netns exec)")
+    impl_arg(p)
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for readiness")
 
     p = _add_command(commands, "status", cmd_status,
@@ -345,6 +354,7 @@ def _add_instance_commands(commands: argparse._SubParsersAction[argparse.Argumen
     p = _add_command(commands, "demo", cmd_demo,
                      "HTTP server and client as two tenants over NetKernel; print the NQEs")
     instance_arg(p)
+    impl_arg(p)
     p.add_argument("--size", type=int, default=1 << 20, metavar="BYTES",
                    help="bytes the server serves (default 1 MiB of random bytes)")
     p.add_argument("--timeout", type=float, default=60.0,

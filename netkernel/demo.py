@@ -445,7 +445,7 @@ def _leftovers(name: str, pids: list[int], devices: list[Path], embedded: bool) 
 
 
 def run(name: str | None = None, *, size: int = DEFAULT_SIZE, timeout: float = STEP_TIMEOUT,
-        say: Callable[[str], None] = print) -> int:
+        say: Callable[[str], None] = print, impl: str = inst.DEFAULT_IMPL) -> int:
     """Run the demo on instance ``name``; returns the exit status (0: every check passed)."""
     name = shm.instance_name(name)
     embedded = False
@@ -456,10 +456,10 @@ def run(name: str | None = None, *, size: int = DEFAULT_SIZE, timeout: float = S
         try:
             if not inst.running(name):
                 say(f"netkernel demo: no instance {name!r} runs; starting an embedded one"
-                    " (CoreEngine + kernel NSM)")
+                    f" (CoreEngine + kernel NSM, {impl})")
                 with interrupts.held():  # up() records every process it starts before we stop
                     embedded = True
-                    up = inst.up(name)
+                    up = inst.up(name, impl=impl)
                 pids = [int(up["pid"]), *(int(n["pid"]) for n in up["nsms"])]
                 say(f"netkernel demo: instance {name!r} up: CoreEngine pid {up['pid']}, "
                     + ", ".join(f"NSM {n['id']} {n['name']} pid {n['pid']}" for n in up["nsms"]))
@@ -554,7 +554,7 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.size <= 0:
         print(f"{args.prog}: error: --size must be positive", file=sys.stderr)
         return 2
-    return run(args.instance, size=args.size, timeout=args.timeout)
+    return run(args.instance, size=args.size, timeout=args.timeout, impl=args.impl)
 
 
 if __name__ == "__main__":

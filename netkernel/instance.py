@@ -29,9 +29,17 @@ from typing import Any, Final
 
 from netkernel.reference import coreengine, shm
 
-#: NSM kinds ``up --nsm`` knows, and the module each one runs as.
-NSM_MODULES: Final[dict[str, str]] = {"kernel": "netkernel.reference.nsm_kernel"}
-ENGINE_MODULE: Final = "netkernel.reference.coreengine"
+#: The implementations ``up --impl`` knows: the package whose ``coreengine`` and
+#: ``nsm_<kind>`` modules run as the processes. ``fastpath`` (C, issue 4) passes the
+#: same conformance suite as ``reference`` and is the default.
+IMPLS: Final[dict[str, str]] = {
+    "fastpath": "netkernel.fastpath",
+    "reference": "netkernel.reference",
+}
+DEFAULT_IMPL: Final = "fastpath"
+#: NSM kinds ``up --nsm`` knows: the module (in the implementation's package) each runs as.
+NSM_MODULES: Final[dict[str, str]] = {"kernel": "nsm_kernel"}
+ENGINE_MODULE: Final = "coreengine"
 START_TIMEOUT: Final = 15.0
 STOP_TIMEOUT: Final = 5.0
 _POLL: Final = 0.02
@@ -125,8 +133,9 @@ def _wait_for(what: str, ready: Any, procs: list[tuple[subprocess.Popen[bytes], 
 
 
 def up(instance: str | None = None, *, nsm: str = "kernel", netns: str | None = None,
-       timeout: float = START_TIMEOUT) -> dict[str, Any]:
-    """Start the CoreEngine and one NSM of kind ``nsm`` (or none: ``nsm="none"``).
+       timeout: float = START_TIMEOUT, impl: str = DEFAULT_IMPL) -> dict[str, Any]:
+    """Start the CoreEngine and one NSM of kind ``nsm`` (or none: ``nsm="none"``),
+    both of implementation ``impl`` (:data:`IMPLS`).
 
     Returns the status once every process is attached and ready. On failure
     everything started is stopped again and InstanceError says what broke.
@@ -134,6 +143,9 @@ def up(instance: str | None = None, *, nsm: str = "kernel", netns: str | None = 
     name = shm.instance_name(instance)
     if nsm != "none" and nsm not in NSM_MODULES:
         raise InstanceError(f"unknown NSM {nsm!r} (known: {', '.join(NSM_MODULES)}, none)")
+    if impl not in IMPLS:
+        raise InstanceError(f"unknown implementation {impl!r} (known: {', '.join(IMPLS)})")
+    package = IMPLS[impl]
     if running(name):
         raise InstanceError(f"instance {name!r} is already running")
     _stop_leftovers(name)
@@ -141,21 +153,23 @@ def up(instance: str | None = None, *, nsm: str = "kernel", netns: str | None = 
     directory.mkdir(parents=True, exist_ok=True)
     try:
         engine_log = directory / "engine.log"
-        ce = _spawn([sys.executable, "-m", ENGINE_MODULE, "--instance", name], engine_log, name)
+        ce = _spawn([sys.executable, "-m", f"{package}.{ENGINE_MODULE}", "--instance", name],
+                    engine_log, name)
         (directory / "engine.pid").write_text(f"{ce.pid}\n")
         _wait_for("CoreEngine", lambda: running(name), [(ce, engine_log)], timeout)
         if nsm != "none":
-            _start_nsm(name, nsm, netns, ce, engine_log, timeout)
+            _start_nsm(name, f"{package}.{NSM_MODULES[nsm]}", nsm, netns, ce, engine_log,
+                       timeout)
     except BaseException:
         down(name)
         raise
     return status(name)
 
 
-def _start_nsm(name: str, kind: str, netns: str | None, ce: subprocess.Popen[bytes],
-               engine_log: Path, timeout: float) -> None:
+def _start_nsm(name: str, module: str, kind: str, netns: str | None,
+               ce: subprocess.Popen[bytes], engine_log: Path, timeout: float) -> None:
     directory = shm.instance_dir(name)
-    argv = [sys.executable, "-m", NSM_MODULES[kind], "--instance", name]
+    argv = [sys.executable, "-m", module, "--instance", name]
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]
     log = directory / f"nsm-{kind}.starting.log"
