@@ -76,7 +76,7 @@ class Allocator:
     @property
     def capacity(self) -> int:
         """Bytes of the area."""
-        return self.area.size
+        return int(self.area.size)
 
     def free_bytes(self) -> int:
         """Bytes in free granules."""

@@ -14,7 +14,6 @@ BufferError instead, which :class:`~netkernel.reference.shm.DeviceMap` tolerates
 
 from __future__ import annotations
 
-import errno
 from typing import Any, Final
 
 from netkernel.reference.device import NQE_SLOT, RING_HEADER_SIZE, Geometry, RingId
@@ -24,7 +23,8 @@ from ._lib import ffi, lib
 
 __all__ = ["FLAGS", "HEAD", "NEED_WAKEUP", "SLOTS", "TAIL", "U32", "Ring", "RingError"]
 
-_EBADMSG: Final = -errno.EBADMSG
+#: pop_many batches up to this size copy into a buffer the ring keeps
+_BATCH: Final = 64
 
 
 class Ring:
@@ -49,6 +49,8 @@ class Ring:
         self.entries = entries
         self._mask = entries - 1
         self._r: Any = ffi.new("struct nk_ring *")
+        # where pop_many copies NQEs out; one consumer per ring (RING-2), so one buffer
+        self._dst: Any = ffi.new("char[]", min(entries, _BATCH) * NQE_SLOT)
         lib.nk_ring_init(self._r, base, entries)
 
     @classmethod
@@ -82,7 +84,12 @@ class Ring:
     # -- producer side --------------------------------------------------------
     def push(self, nqe: bytes) -> bool:
         """Publish one 32-byte NQE; False if the ring is full (RING-4). Producer only."""
-        return self.push_many([nqe]) == 1
+        if len(nqe) != NQE_SLOT:
+            raise ValueError(f"an NQE is {NQE_SLOT} bytes, got {len(nqe)}")
+        pushed = lib.nk_ring_push_bytes(self._r, nqe if type(nqe) is bytes else bytes(nqe), 1)
+        if pushed < 0:
+            raise self._corrupt()
+        return bool(pushed == 1)
 
     def push_many(self, nqes: list[bytes]) -> int:
         """Publish as many NQEs as fit, in order, with one tail update (RING-8)."""
@@ -90,8 +97,9 @@ class Ring:
             if len(nqe) != NQE_SLOT:
                 raise ValueError(f"an NQE is {NQE_SLOT} bytes, got {len(nqe)}")
         n = min(len(nqes), self.entries)  # more can never fit
-        src = ffi.from_buffer("struct nk_nqe[]", b"".join(nqes[:n])) if n else ffi.NULL
-        pushed = lib.nk_ring_push(self._r, src, n)
+        # one bytes object goes to C as its own buffer, with no copy
+        src = nqes[0] if n == 1 and type(nqes[0]) is bytes else b"".join(nqes[:n])
+        pushed = lib.nk_ring_push_bytes(self._r, src, n)
         if pushed < 0:
             raise self._corrupt()
         return int(pushed)
@@ -103,21 +111,23 @@ class Ring:
     # -- consumer side --------------------------------------------------------
     def pop(self) -> bytes | None:
         """Take the oldest NQE, or None if the ring is empty. Consumer only."""
-        got = self.pop_many(1)
-        return got[0] if got else None
+        got = lib.nk_ring_pop_bytes(self._r, self._dst, 1)
+        if got < 0:
+            raise self._corrupt()
+        return ffi.unpack(self._dst, NQE_SLOT) if got else None
 
     def pop_many(self, limit: int) -> list[bytes]:
         """Take up to ``limit`` NQEs in FIFO order with one head update (RING-8)."""
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")  # else head would move back
         n = min(limit, self.entries)
-        dst = ffi.new("struct nk_nqe[]", n) if n else ffi.NULL
-        got = lib.nk_ring_pop(self._r, dst, n)
+        dst = self._dst if n <= _BATCH else ffi.new("char[]", n * NQE_SLOT)
+        got = lib.nk_ring_pop_bytes(self._r, dst, n)
         if got < 0:
             raise self._corrupt()
-        if not got:
-            return []
-        raw = ffi.buffer(dst, got * NQE_SLOT)[:]
+        if got == 1:
+            return [ffi.unpack(dst, NQE_SLOT)]
+        raw = ffi.unpack(dst, got * NQE_SLOT)
         return [raw[i:i + NQE_SLOT] for i in range(0, got * NQE_SLOT, NQE_SLOT)]
 
     def prepare_sleep(self) -> bool:
@@ -129,7 +139,7 @@ class Ring:
         rc = lib.nk_ring_prepare_sleep(self._r)  # flag, seq_cst fence, tail re-load
         if rc < 0:
             raise self._corrupt(f" > {self.entries} entries")
-        return rc == 1
+        return bool(rc == 1)
 
     def finish_sleep(self) -> None:
         """Clear NEED_WAKEUP after waking (RING-6, RING-11)."""

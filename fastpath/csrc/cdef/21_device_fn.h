@@ -25,3 +25,6 @@ int nk_dev_init_header(void *buf, uint64_t len, const struct nk_geometry *geo,
 // include/nk/bell.h: futex_waitv with a relative timeout (static inline there)
 int nk_bell_waitv_ns(uint32_t *const *bells, const uint32_t *expected, unsigned n,
 		     int64_t timeout_ns);
+// include/nk/ring.h: push and pop on byte strings (static inline there)
+int64_t nk_ring_push_bytes(struct nk_ring *r, const char *src, uint32_t n);
+int64_t nk_ring_pop_bytes(struct nk_ring *r, char *dst, uint32_t n);

@@ -168,4 +168,17 @@ static inline void nk_ring_finish_sleep(struct nk_ring *r)
 	atomic_store_explicit(NK_ATOMIC(r->flags), 0, memory_order_relaxed);
 }
 
+/* push and pop on untyped bytes, for bindings that hold NQEs as byte strings
+ * (fastpath/ring.py passes a Python bytes object straight through cffi). An
+ * NQE is packed, so any byte address is a valid struct nk_nqe address. */
+static inline int64_t nk_ring_push_bytes(struct nk_ring *r, const char *src, uint32_t n)
+{
+	return nk_ring_push(r, (const struct nk_nqe *)(const void *)src, n);
+}
+
+static inline int64_t nk_ring_pop_bytes(struct nk_ring *r, char *dst, uint32_t n)
+{
+	return nk_ring_pop(r, (struct nk_nqe *)(void *)dst, n);
+}
+
 #endif
