@@ -108,7 +108,9 @@ def wait_any(bells: Sequence[tuple[Bell, int]], timeout: float = MAX_SLEEP) -> i
         return None
     if len(bells) > WAITV_MAX:
         raise ValueError(f"futex_waitv takes at most {WAITV_MAX} words, got {len(bells)}")
-    words = ffi.new("uint32_t *[]", [b._word for b, _ in bells])
+    # a reference Bell has no C word: its address (same process, same mapping) serves
+    words = ffi.new("uint32_t *[]", [getattr(b, "_word", None) or ffi.cast("uint32_t *", b.address)
+                                     for b, _ in bells])
     expected = ffi.new("uint32_t[]", [e % U32 for _, e in bells])
     rc = lib.nk_bell_waitv_ns(words, expected, len(bells), _ns(timeout))
     if rc >= 0:

@@ -103,7 +103,7 @@ class Allocator:
         BufError (EINVAL) for a size that can never fit: 0, negative, or larger
         than the whole area (BUF-9).
         """
-        if not _u64(size):
+        if not 0 <= size < _U64:
             rc = -EINVAL
         else:
             with self._lock:
@@ -124,7 +124,7 @@ class Allocator:
         EFAULT if ``offset`` is outside the area; EINVAL if no live buffer
         starts there (double free, or an offset this allocator never gave).
         """
-        if not _u64(offset):
+        if not 0 <= offset < _U64:
             rc = -EFAULT
         else:
             with self._lock:
