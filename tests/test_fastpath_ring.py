@@ -22,6 +22,7 @@ import os
 import random
 import struct
 import time
+import types
 import uuid
 from typing import Any
 
@@ -157,9 +158,13 @@ def test_misaligned_ring_is_refused() -> None:
 
 # -- two processes -------------------------------------------------------------------------------
 
-IMPLS = {"c": (fring, fbell), "ref": (rring, rbell)}
-GEO = rdev.Geometry(n_qsets=1, ring_entries=8, data_size=1 << 13, send_size=1 << 12,
-                    buf_size=1 << 12)
+IMPLS: dict[str, tuple[Any, Any]] = {
+    "c": (fring, fbell), "ref": (rring, rbell),
+    "broken": (types.SimpleNamespace(Ring=SkipsIndex3), fbell),
+}
+GEOS = {seed: rdev.Geometry(n_qsets=1, ring_entries=entries, data_size=1 << 13,
+                           send_size=1 << 12, buf_size=1 << 12)
+        for seed, entries in ((1, 8), (2, 2))}
 LIMIT = 60.0  # seconds: a side still running then has hung
 
 
@@ -211,6 +216,8 @@ def _consumer(path: str, impl: str, total: int, seed: int, conn: Any) -> None:
                 expect += 1
             if got:
                 idle = 0
+                if rng.random() < 0.001:
+                    time.sleep(0.002)  # the producer finds the ring full
                 continue
             idle += 1
             if idle > 20:  # poll a little, then sleep on the bell (RING-7)
@@ -222,17 +229,14 @@ def _consumer(path: str, impl: str, total: int, seed: int, conn: Any) -> None:
         conn.send(("error", repr(exc)))
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-@pytest.mark.parametrize(("producer", "consumer"),
-                         [("c", "c"), ("c", "ref"), ("ref", "c"), ("ref", "ref")])
-def test_two_processes_every_nqe_once_in_order(producer: str, consumer: str,
-                                              seed: int) -> None:
-    total = 30_000 if "ref" not in (producer, consumer) else 8_000
+def run_pair(producer: str, consumer: str, seed: int, total: int) -> tuple[Any, Any]:
+    """A producer and a consumer process on one /dev/shm device; what each reported."""
     path = f"/dev/shm/nk-test-ring-{uuid.uuid4().hex}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    os.ftruncate(fd, GEO.total_size)
-    with mmap.mmap(fd, GEO.total_size) as mm:
-        fdev.init_header(memoryview(mm), GEO)
+    geo = GEOS[seed]
+    os.ftruncate(fd, geo.total_size)
+    with mmap.mmap(fd, geo.total_size) as mm:
+        fdev.init_header(memoryview(mm), geo)
     os.close(fd)
     ctx = multiprocessing.get_context("fork")
     pipes = [ctx.Pipe(duplex=False) for _ in range(2)]
@@ -252,10 +256,27 @@ def test_two_processes_every_nqe_once_in_order(producer: str, consumer: str,
             if p.is_alive():
                 p.kill()
         os.unlink(path)
-    (cstate, *cres), (pstate, *pres) = results
+    return results[0], results[1]
+
+
+@pytest.mark.parametrize("seed", sorted(GEOS))
+@pytest.mark.parametrize(("producer", "consumer"),
+                         [("c", "c"), ("c", "ref"), ("ref", "c"), ("ref", "ref")])
+def test_two_processes_every_nqe_once_in_order(producer: str, consumer: str,
+                                              seed: int) -> None:
+    total = 30_000 if "ref" not in (producer, consumer) else 8_000
+    (cstate, *cres), (pstate, *pres) = run_pair(producer, consumer, seed, total)
     assert cstate == "done", cres
     assert pstate == "done", pres
     seen, disorder, sleeps, left = cres
     assert (seen, disorder, left) == (total, 0, 0)
     assert pres[0] == total
     assert sleeps > 0, "the consumer never went to sleep: the handshake was not exercised"
+
+
+def test_two_processes_check_catches_a_ring_that_skips_a_slot() -> None:
+    """The same check, with a producer that leaves the slot of index 3 unwritten."""
+    (cstate, *cres), (pstate, *_) = run_pair("broken", "c", 1, 2000)
+    assert (cstate, pstate) == ("done", "done")
+    seen, disorder, _, _ = cres
+    assert seen == 2000 and disorder == 1  # exactly NQE 3 arrived wrong
