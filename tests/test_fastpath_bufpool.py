@@ -110,7 +110,7 @@ def run_program(impl: Any, kind: str, args: tuple[Any, ...],
         assert state[0] == state[1], f"step {step} {op}({arg}): state {state[0]} != {state[1]}"
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(pool=pools(), program=steps)
 def test_c_allocators_match_the_reference(pool: tuple[str, tuple[Any, ...]],
                                           program: list[tuple[str, int]]) -> None:
@@ -141,7 +141,7 @@ class _Broken:
 
 
 def test_the_differential_check_catches_an_allocator_that_rounds_down() -> None:
-    @settings(max_examples=300, database=None)
+    @settings(max_examples=300, database=None, derandomize=True, deadline=None)
     @given(pool=pools(), program=steps)
     def differential(pool: tuple[str, tuple[Any, ...]], program: list[tuple[str, int]]) -> None:
         run_program(_Broken, *pool, program)
