@@ -69,8 +69,10 @@ struct nk_futex_waitv {
 	uint32_t __reserved;
 };
 
-static inline int nk_bell_wait_any(uint32_t *const *bells, const uint32_t *expected,
-				   unsigned n, const struct timespec *abs_deadline)
+/* The raw futex_waitv: the index of a woken bell, -EAGAIN if a word had
+ * already changed, -ETIMEDOUT, -EINTR, -ENOSYS (Linux < 5.16), -EINVAL. */
+static inline int nk_bell_waitv(uint32_t *const *bells, const uint32_t *expected,
+				unsigned n, const struct timespec *abs_deadline)
 {
 	struct nk_futex_waitv w[NK_BELL_WAITV_MAX];
 	if (n == 0 || n > NK_BELL_WAITV_MAX)
@@ -82,9 +84,32 @@ static inline int nk_bell_wait_any(uint32_t *const *bells, const uint32_t *expec
 		w[i].__reserved = 0;
 	}
 	long rc = syscall(SYS_futex_waitv, w, n, 0, abs_deadline, CLOCK_MONOTONIC);
-	if (rc >= 0)
-		return (int)rc;
-	return errno == EAGAIN ? 0 : -errno;
+	return rc >= 0 ? (int)rc : -errno;
+}
+
+static inline int nk_bell_wait_any(uint32_t *const *bells, const uint32_t *expected,
+				   unsigned n, const struct timespec *abs_deadline)
+{
+	int rc = nk_bell_waitv(bells, expected, n, abs_deadline);
+	return rc == -EAGAIN ? 0 : rc;
+}
+
+/* nk_bell_waitv with a relative timeout (< 0: no limit), turned into an
+ * absolute CLOCK_MONOTONIC deadline: the same raw results (-EAGAIN distinct). */
+static inline int nk_bell_waitv_ns(uint32_t *const *bells, const uint32_t *expected,
+				   unsigned n, int64_t timeout_ns)
+{
+	struct timespec at;
+	if (timeout_ns < 0)
+		return nk_bell_waitv(bells, expected, n, NULL);
+	clock_gettime(CLOCK_MONOTONIC, &at);
+	at.tv_sec += timeout_ns / 1000000000;
+	at.tv_nsec += timeout_ns % 1000000000;
+	if (at.tv_nsec >= 1000000000) {
+		at.tv_sec++;
+		at.tv_nsec -= 1000000000;
+	}
+	return nk_bell_waitv(bells, expected, n, &at);
 }
 
 #endif

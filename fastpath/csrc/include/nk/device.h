@@ -100,4 +100,46 @@ static inline uint64_t nk_geo_ring_offset(const struct nk_geometry *g, uint32_t 
 	       ring * nk_geo_ring_size(g);
 }
 
+/* Why a header was refused, in the order the checks run (reference/device.py
+ * read_header): the Python layer turns each into the reference's message. */
+enum nk_dev_fault {
+	NK_DEV_OK = 0,
+	NK_DEV_SHORT_HEADER = 1,    /* DEV-14: region shorter than 256 bytes */
+	NK_DEV_BAD_MAGIC = 2,       /* DEV-2 */
+	NK_DEV_BAD_VERSION = 3,     /* DEV-2 */
+	NK_DEV_BAD_KIND = 4,        /* DEV-2: neither tenant nor NSM */
+	NK_DEV_BAD_N_QSETS = 5,     /* DEV-12: the limits, in Geometry's order */
+	NK_DEV_BAD_RING_ENTRIES = 6,
+	NK_DEV_BAD_BUF_SIZE = 7,
+	NK_DEV_BAD_SIZES = 8,       /* data_size / send_size */
+	NK_DEV_BAD_HEADER_SIZE = 9, /* DEV-13: derived fields, in the reference's order */
+	NK_DEV_BAD_QSET_OFFSET = 10,
+	NK_DEV_BAD_QSET_STRIDE = 11,
+	NK_DEV_BAD_DATA_OFFSET = 12,
+	NK_DEV_BAD_TOTAL_SIZE = 13,
+	NK_DEV_SHORT_REGION = 14,   /* DEV-14: region shorter than total_size */
+};
+
+/* device.c */
+
+/* DEV-12 limits of a geometry (and DEV-2's kind): NK_DEV_OK or the first fault. */
+int nk_geometry_check(const struct nk_geometry *g);
+
+/* The errno a fault is reported with: -EMSGSIZE (short), -EBADMSG (magic),
+ * -EPROTONOSUPPORT (version), -EINVAL (kind, limits, derived fields); 0 for OK. */
+int nk_dev_fault_errno(int fault);
+
+/* Validate the header of the region [buf, buf+len) and fill *out (may be NULL)
+ * (DEV-2, DEV-12..DEV-14, SEC-1): NK_DEV_OK or the first fault, in the order
+ * of reference/device.py read_header. No offset of the region is followed. */
+int nk_dev_check_header(const void *buf, uint64_t len, struct nk_geometry *out);
+
+/* The same, as 0 or -errno (nk_dev_fault_errno). */
+int nk_dev_read_header(const void *buf, uint64_t len, struct nk_geometry *out);
+
+/* Write a fresh header (state INIT) and zero every bell, ring and slot (DEV-4).
+ * 0, -EINVAL for a geometry outside DEV-12, -EMSGSIZE if len < total size (DEV-14). */
+int nk_dev_init_header(void *buf, uint64_t len, const struct nk_geometry *geo,
+		       uint32_t owner_pid, uint32_t dev_id, uint32_t features);
+
 #endif

@@ -144,7 +144,8 @@ static inline void nk_ring_advance(struct nk_ring *r, uint32_t n)
 
 /* Consumer: set NEED_WAKEUP, then re-check (RING-6). Returns 1 if the ring is
  * still empty (the caller may sleep on its bell), 0 if work slipped in (the
- * flag is cleared again), -EBADMSG on impossible indices. */
+ * flag is cleared again), -EBADMSG on impossible indices (the flag is left set,
+ * byte for byte what reference/ring.py leaves; the ring is unusable anyway). */
 static inline int nk_ring_prepare_sleep(struct nk_ring *r)
 {
 	atomic_store_explicit(NK_ATOMIC(r->flags), NK_RING_NEED_WAKEUP, memory_order_relaxed);
@@ -152,9 +153,11 @@ static inline int nk_ring_prepare_sleep(struct nk_ring *r)
 	 * with the producer's fence in nk_ring_consumer_sleeping (RING-6) */
 	atomic_thread_fence(memory_order_seq_cst);
 	int64_t used = nk_ring_count(r);
+	if (used < 0)
+		return (int)used; /* RING-10: stop here; the flag stays as the reference leaves it */
 	if (used != 0) {
 		atomic_store_explicit(NK_ATOMIC(r->flags), 0, memory_order_relaxed);
-		return used < 0 ? (int)used : 0;
+		return 0;
 	}
 	return 1;
 }
@@ -163,6 +166,19 @@ static inline int nk_ring_prepare_sleep(struct nk_ring *r)
 static inline void nk_ring_finish_sleep(struct nk_ring *r)
 {
 	atomic_store_explicit(NK_ATOMIC(r->flags), 0, memory_order_relaxed);
+}
+
+/* push and pop on untyped bytes, for bindings that hold NQEs as byte strings
+ * (fastpath/ring.py passes a Python bytes object straight through cffi). An
+ * NQE is packed, so any byte address is a valid struct nk_nqe address. */
+static inline int64_t nk_ring_push_bytes(struct nk_ring *r, const char *src, uint32_t n)
+{
+	return nk_ring_push(r, (const struct nk_nqe *)(const void *)src, n);
+}
+
+static inline int64_t nk_ring_pop_bytes(struct nk_ring *r, char *dst, uint32_t n)
+{
+	return nk_ring_pop(r, (struct nk_nqe *)(void *)dst, n);
 }
 
 #endif
