@@ -64,11 +64,41 @@ from netkernel.reference.nqe import (
 from ._lib import ffi, lib
 
 __all__ = [
-    "AF_INET", "AF_INET6", "CLOSE_ABORT", "FIELD_DOC", "FIELDS", "NQE", "NQE_SIZE", "NQE_STRUCT",
-    "OP_UNKNOWN_REPLY", "OPS", "REPLY_BIT", "SOCK_NONE", "SOCKADDR_SIZE", "U8_MAX", "U16_MAX",
-    "U32_MAX", "U64_MAX", "WIRE", "Dir", "NQEError", "Op", "OpInfo", "Sockaddr", "encode_result",
-    "error_reply", "field_layout", "is_known_op", "op_name", "pack", "pack_many",
-    "pack_sockaddr", "unpack", "unpack_many", "unpack_sockaddr", "unpack_unchecked",
+    "AF_INET",
+    "AF_INET6",
+    "CLOSE_ABORT",
+    "FIELDS",
+    "FIELD_DOC",
+    "NQE",
+    "NQE_SIZE",
+    "NQE_STRUCT",
+    "OPS",
+    "OP_UNKNOWN_REPLY",
+    "REPLY_BIT",
+    "SOCKADDR_SIZE",
+    "SOCK_NONE",
+    "U8_MAX",
+    "U16_MAX",
+    "U32_MAX",
+    "U64_MAX",
+    "WIRE",
+    "Dir",
+    "NQEError",
+    "Op",
+    "OpInfo",
+    "Sockaddr",
+    "encode_result",
+    "error_reply",
+    "field_layout",
+    "is_known_op",
+    "op_name",
+    "pack",
+    "pack_many",
+    "pack_sockaddr",
+    "unpack",
+    "unpack_many",
+    "unpack_sockaddr",
+    "unpack_unchecked",
     "wire_struct",
 ]
 
@@ -104,8 +134,24 @@ def _error(field: str, err: int, op: Any, reserved: Any, value: Any = None,
     return NQEError(msg, field=field, errno=err)
 
 
+_NEW_NQE: Final = object.__new__
+_U64X8: Final = ffi.typeof("uint64_t[8]")
+_RAW32: Final = ffi.typeof("uint8_t[32]")
+_INTP: Final = ffi.typeof("int *")
+_WIDE: Final = ffi.typeof("struct nk_nqe_wide *")
+
+
+def _make_nqe(values: Sequence[int]) -> NQE:
+    """``NQE(*values)`` (reserved zero) without the frozen dataclass's per-field
+    ``object.__setattr__``: the same instance dictionary, built in one step."""
+    nqe = _NEW_NQE(NQE)
+    nqe.__dict__.update(zip(_INT_FIELDS, values, strict=True))
+    nqe.__dict__["reserved"] = _ZERO3
+    return nqe
+
+
 def _from_wide(w: Any) -> NQE:
-    return NQE(w.op, w.qset, w.vm_id, w.sock_id, w.op_data, w.data_ptr, w.size, w.tag)
+    return _make_nqe((w.op, w.qset, w.vm_id, w.sock_id, w.op_data, w.data_ptr, w.size, w.tag))
 
 
 def unpack(buf: bytes | bytearray | memoryview) -> NQE:
@@ -115,13 +161,13 @@ def unpack(buf: bytes | bytearray | memoryview) -> NQE:
     bytes, EINVAL), ``op`` (unknown, ENOSYS) or ``reserved`` (non-zero, EINVAL).
     """
     raw = buf if type(buf) is bytes else bytes(buf)
-    w = ffi.new("struct nk_nqe_wide *")
-    field = ffi.new("int *")
-    err = lib.nk_nqe_decode_wide(raw, len(raw), w, field)
+    fields = ffi.new(_U64X8)
+    err = lib.nk_nqe_decode_fields(raw, len(raw), fields, ffi.NULL)
     if err:
-        raise _error(_FIELD_NAME[field[0]], -err, raw[0] if raw else 0, raw[29:32],
-                     length=len(raw))
-    return _from_wide(w)
+        # the field follows from the errno once the length is right (include/nk/nqe.h)
+        name = "length" if len(raw) != NQE_SIZE else "op" if err == -errno.ENOSYS else "reserved"
+        raise _error(name, -err, raw[0] if raw else 0, raw[29:32], length=len(raw))
+    return _make_nqe(ffi.unpack(fields, 8))
 
 
 def unpack_unchecked(buf: bytes | bytearray | memoryview) -> NQE:
@@ -130,7 +176,7 @@ def unpack_unchecked(buf: bytes | bytearray | memoryview) -> NQE:
 
 
 def _wide_values(nqe: NQE) -> list[Any]:
-    """The initializer of a ``struct nk_nqe_wide`` for ``nqe`` (C does the checks)."""
+    """``op`` .. ``tag``, ``reserved``, ``overflow`` of a ``struct nk_nqe_wide`` for ``nqe``."""
     vals: list[Any] = [getattr(nqe, name) for name in _INT_FIELDS]
     overflow = 0
     for i, v in enumerate(vals):
@@ -157,10 +203,20 @@ def pack(nqe: NQE) -> bytes:
     field), the op is unknown (ENOSYS) or the reserved bytes are not zero
     (EINVAL): a conforming sender never produces such an NQE.
     """
-    w = ffi.new("struct nk_nqe_wide *", _wide_values(nqe))
-    out = ffi.new("uint8_t[32]")
-    field = ffi.new("int *")
-    err = lib.nk_nqe_encode_wide(w, out, field)
+    op, qset, vm_id, sock_id = nqe.op, nqe.qset, nqe.vm_id, nqe.sock_id
+    op_data, data_ptr, size, tag = nqe.op_data, nqe.data_ptr, nqe.size, nqe.tag
+    out = ffi.new(_RAW32)
+    field = ffi.new(_INTP)
+    try:
+        # exact ints only: cffi would also convert a Decimal, which the reference refuses
+        if not (type(op) is type(qset) is type(vm_id) is type(sock_id) is type(op_data)
+                is type(data_ptr) is type(size) is type(tag) is int):
+            raise OverflowError
+        err = lib.nk_nqe_encode_fields(out, field, op, qset, vm_id, sock_id, op_data, data_ptr,
+                                       size, tag, 0 if nqe.reserved == _ZERO3 else _RESERVED_BAD,
+                                       0)
+    except OverflowError:  # a value beyond 64 bits, or not an int: C learns which
+        err = lib.nk_nqe_encode_wide(ffi.new(_WIDE, _wide_values(nqe)), out, field)
     if err:
         _raise_pack_error(nqe, err, field[0])
     return ffi.buffer(out)[:]
@@ -179,8 +235,8 @@ def error_reply(buf: bytes | bytearray | memoryview) -> NQE | None:
         raise ValueError("error_reply() called on a valid NQE")
     if rc == 0:
         return None
-    return NQE(reply.op, reply.qset, reply.vm_id, reply.sock_id, reply.op_data,
-               reply.data_ptr, reply.size, reply.tag)
+    return _make_nqe((reply.op, reply.qset, reply.vm_id, reply.sock_id, reply.op_data,
+                      reply.data_ptr, reply.size, reply.tag))
 
 
 def is_known_op(op: int) -> bool:
@@ -193,6 +249,13 @@ def is_known_op(op: int) -> bool:
 # -- many NQEs in one buffer ---------------------------------------------------------------------
 
 
+#: struct nk_nqe_wide is nine 64-bit words (op .. tag, then reserved | overflow << 32 on this
+#: little-endian host): the batch helpers read and write arrays of them as flat uint64 lists.
+_WIDE_WORDS: Final = 9
+if ffi.sizeof("struct nk_nqe_wide") != 8 * _WIDE_WORDS:
+    raise ImportError("struct nk_nqe_wide is not nine 64-bit words")
+
+
 def unpack_many(buf: bytes | bytearray | memoryview) -> list[NQE]:
     """``[unpack(c) for c in 32-byte chunks of buf]`` in one C call (nk_nqe_decode_wide_batch).
 
@@ -201,14 +264,21 @@ def unpack_many(buf: bytes | bytearray | memoryview) -> list[NQE]:
     """
     raw = buf if type(buf) is bytes else bytes(buf)
     n, tail = divmod(len(raw), NQE_SIZE)
-    wide = ffi.new("struct nk_nqe_wide[]", n)
-    status = ffi.new("int32_t[]", n)
-    if lib.nk_nqe_decode_wide_batch(raw, n, wide, status) != n:
+    words = ffi.new("uint64_t[]", max(n, 1) * _WIDE_WORDS)
+    status = ffi.new("int32_t[]", max(n, 1))
+    if lib.nk_nqe_decode_wide_batch(raw, n, ffi.cast("struct nk_nqe_wide *", words),
+                                    status) != n:
         first = next(i for i in range(n) if status[i])
         unpack(raw[first * NQE_SIZE:(first + 1) * NQE_SIZE])  # raises the chunk's error
     if tail:
         unpack(raw[n * NQE_SIZE:])  # raises: not 32 bytes
-    return [_from_wide(w) for w in wide]
+    flat = ffi.unpack(words, n * _WIDE_WORDS)
+    return [_make_nqe(flat[i:i + 8]) for i in range(0, n * _WIDE_WORDS, _WIDE_WORDS)]
+
+
+def _words(nqe: NQE) -> list[Any]:
+    vals = _wide_values(nqe)
+    return [*vals[:8], vals[8] | vals[9] << 32]
 
 
 def pack_many(nqes: Iterable[NQE]) -> bytes:
@@ -217,13 +287,25 @@ def pack_many(nqes: Iterable[NQE]) -> bytes:
     The same bytes, and the same error (the first NQE's that fails) as that loop.
     """
     items: Sequence[NQE] = nqes if isinstance(nqes, Sequence) else list(nqes)
-    wide = ffi.new("struct nk_nqe_wide[]", [_wide_values(n) for n in items])
-    out = ffi.new("uint8_t[]", len(items) * NQE_SIZE)
-    status = ffi.new("int32_t[]", len(items))
-    if lib.nk_nqe_encode_wide_batch(wide, len(items), out, status) != len(items):
+    flat: list[Any] = []
+    for n in items:
+        vals = (n.op, n.qset, n.vm_id, n.sock_id, n.op_data, n.data_ptr, n.size, n.tag)
+        if all(type(v) is int for v in vals):
+            flat.extend(vals)
+            flat.append(0 if n.reserved == _ZERO3 else _RESERVED_BAD)
+        else:
+            flat.extend(_words(n))
+    try:
+        words = ffi.new("uint64_t[]", flat or [0])
+    except OverflowError:  # some value beyond 64 bits: C is told which, NQE by NQE
+        words = ffi.new("uint64_t[]", [w for n in items for w in _words(n)] or [0])
+    out = ffi.new("uint8_t[]", max(len(items), 1) * NQE_SIZE)
+    status = ffi.new("int32_t[]", max(len(items), 1))
+    if lib.nk_nqe_encode_wide_batch(ffi.cast("struct nk_nqe_wide *", words), len(items), out,
+                                    status) != len(items):
         first = next(i for i in range(len(items)) if status[i])
         pack(items[first])  # raises that NQE's error
-    return ffi.buffer(out)[:]
+    return ffi.buffer(out, len(items) * NQE_SIZE)[:]
 
 
 # -- addresses in data buffers (NQE-15) ----------------------------------------------------------

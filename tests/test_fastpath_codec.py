@@ -37,7 +37,7 @@ def outcome(fn: Any, *args: Any, message: bool = True) -> tuple[Any, ...]:
         return ("value", fn(*args))
     except ref.NQEError as exc:
         return ("NQEError", exc.field, exc.errno) + ((str(exc),) if message else ())
-    except Exception as exc:  # noqa: BLE001 - the type is the outcome (TypeError, ValueError...)
+    except Exception as exc:  # the type is the outcome (TypeError, ValueError...)
         return (type(exc).__name__,)
 
 
@@ -207,7 +207,7 @@ def hosts() -> Any:
                      st.sampled_from(["::", "::1", "1::", "::ffff:1.2.3.4", "1:2:3:4:5:6:7::",
                                       "::1:2:3:4:5:6:7", "1:2:3:4:5:6:1.2.3.4", "0.0.0.0",
                                       "255.255.255.255", "01.2.3.4", "::1.2.3.4", ""]))
-    edited = st.tuples(real, st.integers(0, 40), st.sampled_from(list(HOST_ALPHABET) + [""]),
+    edited = st.tuples(real, st.integers(0, 40), st.sampled_from([*HOST_ALPHABET, ""]),
                        st.booleans()).map(
         lambda t: t[0][:t[1]] + t[2] + t[0][t[1] + (1 if t[3] else 0):])
     return st.one_of(real, edited, st.text(alphabet=HOST_ALPHABET, max_size=45))

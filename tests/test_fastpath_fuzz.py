@@ -29,7 +29,8 @@ needs_clang = pytest.mark.skipif(shutil.which("clang") is None,
                                  reason="clang is not installed: libFuzzer targets need clang")
 
 
-def run_sh(build: Path, out: Path, seconds: int, defs: str = "") -> subprocess.CompletedProcess[str]:
+def run_sh(build: Path, out: Path, seconds: int,
+           defs: str = "") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FUZZ_BUILD": str(build), "FUZZ_OUT": str(out),
            "FUZZ_TARGETS": "nqe", "FUZZ_DEFS": defs}
     return subprocess.run([str(FUZZ / "run.sh"), str(seconds)], env=env, capture_output=True,

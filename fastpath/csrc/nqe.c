@@ -222,6 +222,37 @@ int nk_nqe_decode_wide(const void *raw, size_t len, struct nk_nqe_wide *out, int
 	return err;
 }
 
+int nk_nqe_decode_fields(const void *raw, size_t len, uint64_t *fields, int *field)
+{
+	struct nk_nqe_wide w;
+	int err = nk_nqe_decode_wide(raw, len, &w, field);
+
+	if (err == 0) {
+		fields[0] = w.op;
+		fields[1] = w.qset;
+		fields[2] = w.vm_id;
+		fields[3] = w.sock_id;
+		fields[4] = w.op_data;
+		fields[5] = w.data_ptr;
+		fields[6] = w.size;
+		fields[7] = w.tag;
+	}
+	return err;
+}
+
+int nk_nqe_encode_fields(void *raw32, int *field, uint64_t op, uint64_t qset, uint64_t vm_id,
+			 uint64_t sock_id, uint64_t op_data, uint64_t data_ptr, uint64_t size,
+			 uint64_t tag, uint32_t reserved, uint32_t overflow)
+{
+	const struct nk_nqe_wide w = {
+		.op = op, .qset = qset, .vm_id = vm_id, .sock_id = sock_id, .op_data = op_data,
+		.data_ptr = data_ptr, .size = size, .tag = tag, .reserved = reserved,
+		.overflow = overflow,
+	};
+
+	return nk_nqe_encode_wide(&w, raw32, field);
+}
+
 size_t nk_nqe_decode_wide_batch(const void *raw, size_t n, struct nk_nqe_wide *out,
 				int32_t *status)
 {

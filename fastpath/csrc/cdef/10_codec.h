@@ -37,6 +37,10 @@ size_t nk_nqe_decode_wide_batch(const void *raw, size_t n, struct nk_nqe_wide *o
 				int32_t *status);
 size_t nk_nqe_encode_wide_batch(const struct nk_nqe_wide *in, size_t n, void *raw,
 				int32_t *status);
+int nk_nqe_decode_fields(const void *raw, size_t len, uint64_t *fields, int *field);
+int nk_nqe_encode_fields(void *raw32, int *field, uint64_t op, uint64_t qset, uint64_t vm_id,
+			 uint64_t sock_id, uint64_t op_data, uint64_t data_ptr, uint64_t size,
+			 uint64_t tag, uint32_t reserved, uint32_t overflow);
 struct nk_sockaddr {
 	uint16_t family;
 	uint16_t port;

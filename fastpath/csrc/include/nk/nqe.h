@@ -193,6 +193,15 @@ size_t nk_nqe_decode_wide_batch(const void *raw, size_t n, struct nk_nqe_wide *o
 size_t nk_nqe_encode_wide_batch(const struct nk_nqe_wide *in, size_t n, void *raw,
 				int32_t *status);
 
+/* The same two for bindings that hold an NQE as eight integers (op .. tag, in
+ * declaration order): decode_fields fills fields[8] (only if accepted);
+ * encode_fields takes them as arguments, with `reserved` and `overflow` as
+ * in struct nk_nqe_wide. Same returns and *field as the wide forms. */
+int nk_nqe_decode_fields(const void *raw, size_t len, uint64_t *fields, int *field);
+int nk_nqe_encode_fields(void *raw32, int *field, uint64_t op, uint64_t qset, uint64_t vm_id,
+			 uint64_t sock_id, uint64_t op_data, uint64_t data_ptr, uint64_t size,
+			 uint64_t tag, uint32_t reserved, uint32_t overflow);
+
 /* ---- addresses in data buffers (NQE-15) ---------------------------------------- */
 
 #define NK_AF_INET 2
