@@ -219,7 +219,7 @@ def pack(nqe: NQE) -> bytes:
         err = lib.nk_nqe_encode_wide(ffi.new(_WIDE, _wide_values(nqe)), out, field)
     if err:
         _raise_pack_error(nqe, err, field[0])
-    return ffi.buffer(out)[:]
+    return bytes(ffi.buffer(out))
 
 
 def error_reply(buf: bytes | bytearray | memoryview) -> NQE | None:
@@ -305,7 +305,7 @@ def pack_many(nqes: Iterable[NQE]) -> bytes:
                                     status) != len(items):
         first = next(i for i in range(len(items)) if status[i])
         pack(items[first])  # raises that NQE's error
-    return ffi.buffer(out, len(items) * NQE_SIZE)[:]
+    return bytes(ffi.buffer(out, len(items) * NQE_SIZE))
 
 
 # -- addresses in data buffers (NQE-15) ----------------------------------------------------------
@@ -341,7 +341,7 @@ def pack_sockaddr(addr: Sockaddr) -> bytes:
     n = lib.nk_sockaddr_pack_text(f, text, len(text), port, flow, scope, out, 28)
     if n < 0:
         raise _sockaddr_error(n, addr)
-    return ffi.buffer(out, n)[:]
+    return bytes(ffi.buffer(out, n))
 
 
 def unpack_sockaddr(buf: bytes | bytearray | memoryview) -> Sockaddr:

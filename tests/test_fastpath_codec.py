@@ -293,3 +293,26 @@ def test_differential_encode_check_catches_an_encoder_that_truncates() -> None:
     lax = broken_codec(pack=_pack_truncating)
     bad = find(any_nqe(), lambda n: not encode_agrees(lax, n), settings=SEARCH)
     assert isinstance(bad.sock_id, int) and bad.sock_id > WIDTH["sock_id"]
+
+
+# -- the benchmark runs (no speed is asserted: it is never a CI gate) ----------------------------
+
+
+def test_bench_codec_runs_and_prints_its_ratios() -> None:
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "bench.codec", "--count", "5000", "--per-call",
+                          "500", "--rounds", "1"], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for row in ("decode + check", "check + encode"):
+        line = next(line for line in run.stdout.splitlines() if line.startswith(row))
+        ref_rate, per_call, many, batch = (float(x.replace(",", "")) for x in
+                                           re.findall(r"[\d,]+\.\d+", line)[:4])
+        assert min(ref_rate, per_call, many, batch) > 0, line
+        printed = float(re.findall(r"([\d.]+)x", line)[-1])  # C-batch/ref as printed
+        assert abs(printed - batch / ref_rate) <= 0.05 + 0.01 * printed, line
