@@ -135,18 +135,22 @@ def _error(field: str, err: int, op: Any, reserved: Any, value: Any = None,
 
 
 _NEW_NQE: Final = object.__new__
+_SET_DICT: Final = object.__setattr__
 _U64X8: Final = ffi.typeof("uint64_t[8]")
-_RAW32: Final = ffi.typeof("uint8_t[32]")
+_RAW32: Final = ffi.typeof("char[32]")
 _INTP: Final = ffi.typeof("int *")
 _WIDE: Final = ffi.typeof("struct nk_nqe_wide *")
 
 
 def _make_nqe(values: Sequence[int]) -> NQE:
     """``NQE(*values)`` (reserved zero) without the frozen dataclass's per-field
-    ``object.__setattr__``: the same instance dictionary, built in one step."""
+    ``object.__setattr__``: the same instance dictionary, built in one step.
+    tests/test_fastpath_codec.py compares the results with the reference's NQEs."""
+    op, qset, vm_id, sock_id, op_data, data_ptr, size, tag = values
     nqe = _NEW_NQE(NQE)
-    nqe.__dict__.update(zip(_INT_FIELDS, values, strict=True))
-    nqe.__dict__["reserved"] = _ZERO3
+    _SET_DICT(nqe, "__dict__", {"op": op, "qset": qset, "vm_id": vm_id, "sock_id": sock_id,
+                                "op_data": op_data, "data_ptr": data_ptr, "size": size,
+                                "tag": tag, "reserved": _ZERO3})
     return nqe
 
 
@@ -219,7 +223,8 @@ def pack(nqe: NQE) -> bytes:
         err = lib.nk_nqe_encode_wide(ffi.new(_WIDE, _wide_values(nqe)), out, field)
     if err:
         _raise_pack_error(nqe, err, field[0])
-    return bytes(ffi.buffer(out))
+    data: bytes = ffi.unpack(out, NQE_SIZE)
+    return data
 
 
 def error_reply(buf: bytes | bytearray | memoryview) -> NQE | None:

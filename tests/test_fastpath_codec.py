@@ -124,7 +124,10 @@ def test_encoder_agrees_on_any_nqe(nqe: ref.NQE) -> None:
 def test_round_trip_through_c_is_the_reference_round_trip(f: dict[str, int]) -> None:
     nqe = ref.NQE(**f)
     assert fast.pack(nqe) == ref.pack(nqe)
-    assert fast.unpack(fast.pack(nqe)) == nqe
+    got = fast.unpack(fast.pack(nqe))
+    # the same object in every respect the dataclass offers, not just ==
+    assert type(got) is ref.NQE and vars(got) == vars(nqe) and hash(got) == hash(nqe)
+    assert repr(got) == repr(nqe) and fast.unpack_many(ref.pack(nqe)) == [nqe]
 
 
 @given(buf=nqe_bytes())
