@@ -19,6 +19,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 from netkernel.reference import shm
 
@@ -71,6 +72,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("NSM %d stopped%s", att.nsm_id,
              " (CoreEngine lost)" if why == servicelib.LOST else "")
     return 0
+
+
+def reference_with_this_nsm() -> Any:
+    """A conformance target: the reference in every role but ``nsm``, which is this module.
+
+    ``pytest conformance --target netkernel.fastpath.nsm_kernel:reference_with_this_nsm``
+    runs the GuestLib and runtime tests (reference GuestLib + reference CoreEngine) on
+    the C NSM, before the fast path has a GuestLib or CoreEngine of its own.
+    """
+    from netkernel.conformance import targets
+
+    ref = targets.reference()
+    roles = dict(ref.roles, nsm=targets.Launcher(
+        ("{python}", "-m", "netkernel.fastpath.nsm_kernel", "--instance", "{instance}")))
+    return targets.Target("reference+fastpath-nsm", roles, ref.features)
 
 
 if __name__ == "__main__":
