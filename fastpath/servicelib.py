@@ -37,7 +37,7 @@ LOST: Final = 1
 class Attachment:
     """What the attach gave: the control connection, the mapped NSM device, the NSM ID."""
 
-    control: socket.socket
+    control: socket.socket | None  # None: no CoreEngine to watch (tests)
     dmap: shm.DeviceMap
     nsm_id: int
     runtime: Path
@@ -118,7 +118,8 @@ class ServiceLib:
         if self._ptr is not None:
             lib.nk_nsm_free(self._ptr)
             self._ptr = None
-        self.att.control.close()
+        if self.att.control is not None:
+            self.att.control.close()
         self.att.dmap.close()
 
 

@@ -31,7 +31,9 @@
  * work flows, the loop polls (spins NK_NSM_SPIN_NS before it sleeps) and the
  * CoreEngine makes no system call at all (RING-11).
  *
- * Sleeps are bounded by 50 ms (RING-7) and by 1 ms while outputs wait for
+ * Sleeps are bounded by 50 ms (RING-7: our side has RING-6's full fences,
+ * but a Python CoreEngine cannot emit them, so a bell may be lost on its
+ * side) and by 1 ms while outputs wait for
  * ring room, for a ticket (a CLOSE reply, NSM-17) or a gate (a new
  * connection's events, NSM-17): a producer gets no wake-up for free room
  * (RING-4), so those are polled.
@@ -69,7 +71,7 @@
 #define NK_NSM_READS_PER_EVENT 8
 #define NK_NSM_MAX_BACKLOG 4096         /* net.core.somaxconn's default */
 #define NK_NSM_SPIN_NS 50000            /* poll this long before sleeping (RING-7) */
-#define NK_NSM_MAX_SLEEP_MS 50          /* RING-7 */
+#define NK_NSM_MAX_SLEEP_MS 50          /* RING-7: the reference CoreEngine has no fences */
 #define NK_NSM_BUSY_SLEEP_MS 1          /* outputs wait for room, a ticket or a gate */
 #define NK_NSM_BELL_SLEEP_NS 50000000LL /* the bell thread re-checks its quit flag */
 #define NK_NSM_SOCKADDR_MAX 128         /* sizeof(struct sockaddr_storage) */
@@ -348,6 +350,7 @@ struct nk_nsm {
 	struct nk_ring *in;     /* [qset * 2 + 0] COMPLETION, [+1] RECEIVE */
 	struct nk_nsm_out *out; /* [qset * 2 + 0] JOB, [+1] SEND */
 	uint32_t **device_bells, **engine_bells;
+	uint32_t bells_seen[NK_BELL_WAITV_MAX]; /* the bell thread's */
 	struct nk_nsm_tenant *tenants[256];
 	struct nk_nsm_sock **buckets;
 	uint32_t nbuckets, nsocks, next_serial;
@@ -1608,10 +1611,8 @@ static uint32_t nk_nsm_poll(struct nk_nsm *n)
 static void *nk_nsm_watch(void *arg)
 {
 	struct nk_nsm *n = arg;
-	uint32_t seen[NK_BELL_WAITV_MAX], now[NK_BELL_WAITV_MAX];
+	uint32_t *seen = n->bells_seen, now[NK_BELL_WAITV_MAX];
 	uint32_t nb = n->n_qsets < NK_BELL_WAITV_MAX ? n->n_qsets : NK_BELL_WAITV_MAX;
-	for (uint32_t q = 0; q < nb; q++)
-		seen[q] = nk_bell_value(n->device_bells[q]);
 	while (!atomic_load_explicit(&n->quit, memory_order_acquire)) {
 		bool changed = false;
 		for (uint32_t q = 0; q < nb; q++) {
@@ -1718,6 +1719,10 @@ static int nk_nsm_add_fd(struct nk_nsm *n, int fd, void *tag)
 int nk_nsm_run(struct nk_nsm *n)
 {
 	if (!n->watching) {
+		/* DEV-9: the bells' values before the loop's first re-check of the rings, read
+		 * here and not in the new thread, which may run later than a ring */
+		for (uint32_t q = 0; q < n->n_qsets && q < NK_BELL_WAITV_MAX; q++)
+			n->bells_seen[q] = nk_bell_value(n->device_bells[q]);
 		atomic_store(&n->quit, false);
 		int rc = pthread_create(&n->watcher, NULL, nk_nsm_watch, n);
 		if (rc)
