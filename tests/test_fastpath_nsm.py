@@ -556,7 +556,8 @@ import json, sys
 from netkernel.reference import guestlib
 c = guestlib.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
 lst = guestlib.create_server(("127.0.0.1", 0))
-u = guestlib.socket(guestlib.AF_INET, guestlib.SOCK_DGRAM)
+import socket as std
+u = guestlib.socket(std.AF_INET, std.SOCK_DGRAM)
 u.bind(("127.0.0.1", 0))
 print(json.dumps({"tcp": lst.getsockname()[1], "udp": u.getsockname()[1]}), flush=True)
 sys.stdin.read()
