@@ -20,8 +20,8 @@ import socket
 from pathlib import Path
 from typing import Any, Final
 
-from netkernel.reference import shm
 from netkernel.reference import device as dev
+from netkernel.reference import shm
 from netkernel.reference.servicelib import ATTACH_TIMEOUT, AttachError, _read_line
 
 from ._lib import ffi, lib
@@ -123,4 +123,4 @@ class ServiceLib:
         self.att.dmap.close()
 
 
-__all__ = ["LOST", "STOPPED", "Attachment", "AttachError", "ServiceLib", "attach"]
+__all__ = ["LOST", "STOPPED", "AttachError", "Attachment", "ServiceLib", "attach"]

@@ -536,7 +536,7 @@ def test_many_connections_at_once(on_c: str) -> None:
                             assert chunk, "EOF before the echo was complete"
                             got += chunk
                         assert got == msg
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
