@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     nsm = servicelib.ServiceLib(att, stop_fd=rfd)
     try:
         why = nsm.run()
+    except OSError as exc:  # RING-10: the CoreEngine broke a ring; the reference dies too
+        log.error("NSM %d stops: %s", att.nsm_id, exc)
+        return 1
     finally:
         nsm.close()
     log.info("NSM %d stopped%s", att.nsm_id,

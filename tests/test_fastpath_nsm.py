@@ -39,7 +39,8 @@ from hypothesis import strategies as st
 
 from netkernel import instance
 from netkernel.fastpath import servicelib as fast
-from netkernel.reference import guestlib, shm
+from netkernel.reference import bell, guestlib, shm
+from netkernel.reference import device as dev
 from netkernel.reference.nqe import NQE, REPLY_BIT, Op
 from netkernel.reference.nsm_kernel import KernelNSM
 from netkernel.reference.servicelib import ServiceLib as RefServiceLib
@@ -76,9 +77,14 @@ class CNSM:
         att = fast.Attachment(None, shm.open_device(ce.nsm_path), 1, ce.runtime)
         self.svc = fast.ServiceLib(att, rx_cap=rx_cap or 0)
         self.result: list[int] = []
-        self.thread = threading.Thread(target=lambda: self.result.append(self.svc.run()),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result.append(self.svc.run())
+        except OSError as exc:
+            self.result.append(-(exc.errno or 0))
 
     @property
     def lib(self) -> CNSM:
@@ -119,6 +125,26 @@ def make_rig(tmp_path: Path) -> Iterator[Callable[..., tuple[FakeCoreEngine, CNS
 @pytest.fixture
 def rig(make_rig: Callable[..., tuple[FakeCoreEngine, CNSM]]) -> FakeCoreEngine:
     return make_rig()[0]
+
+
+def test_a_ring_with_impossible_indices_stops_the_loop(tmp_path: Path) -> None:
+    """RING-10: the CoreEngine's tail runs more than a ring ahead of our head: nk_nsm_run
+    returns -EBADMSG (as the reference NSM dies of RingError) instead of reading slots."""
+    ce = FakeCoreEngine(tmp_path)
+    nsm = CNSM(ce)
+    try:
+        assert ce.grant().result == 0
+        ring = ce.nsm.ring(0, dev.RingId.COMPLETION)
+        off = ce.nsm_geo.ring_offset(0, dev.RingId.COMPLETION)  # tail at +0 (RING-1)
+        ce.nsm.buf[off:off + 4].cast("I")[0] = (ring.head + ring.entries + 5) % (1 << 32)
+        ce.nsm.bell(0, dev.Bell.DEVICE).ring()
+        nsm.thread.join(timeout=5)
+        assert nsm.result == [-errno.EBADMSG]
+    finally:
+        nsm.svc.stop()
+        nsm.thread.join(timeout=5)
+        nsm.svc.close()
+        ce.close()
 
 
 # -- 2. differential: the reference NSM and the C NSM, call for call ----------------------------
@@ -262,9 +288,6 @@ def run_steps(ce: Any, plan: list[tuple[int, Any]], peers: dict[str, bytes],
 
 def _push_raw(ce: FakeCoreEngine, code: int, sock: int, tag: int, reserved: bytes) -> None:
     """An NQE as its 32 bytes, malformed ones included (NSM-10)."""
-    from netkernel.reference import bell
-    from netkernel.reference import device as dev
-
     raw = struct.pack("<BBBIQQIH3s", code, 0, 3, sock, 0, 0, 0, tag, reserved)
     ring = ce.nsm.ring(0, dev.RingId.COMPLETION)
     assert ring.push(raw)

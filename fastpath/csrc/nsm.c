@@ -363,6 +363,7 @@ struct nk_nsm {
 	atomic_bool stop;
 	atomic_bool quit; /* the bell thread's */
 	bool lost;
+	int fatal;      /* RING-10: a ring with impossible indices; the loop ends with it */
 	bool watching;
 	pthread_t watcher;
 	struct nk_nsm_counters c;
@@ -483,8 +484,10 @@ static void nk_nsm_flush(struct nk_nsm *n)
 			if (run > o->box.len)
 				run = o->box.len;
 			int64_t k = nk_ring_push(&o->ring, q_at(&o->box, 0), run);
+			if (k < 0)
+				n->fatal = (int)k; /* RING-10: stop using the device */
 			if (k <= 0)
-				break; /* full (keep them, RING-4) or broken (RING-10: stop using it) */
+				break; /* full: keep them (RING-4) */
 			q_pop(&o->box, (uint32_t)k);
 			pushed += (uint32_t)k;
 			if ((uint32_t)k < run)
@@ -1594,6 +1597,10 @@ static uint32_t nk_nsm_poll(struct nk_nsm *n)
 	uint32_t done = 0;
 	for (uint32_t i = 0; i < n->n_qsets * 2; i++) {
 		int64_t k = nk_ring_pop(&n->in[i], batch, NK_NSM_BATCH);
+		if (k < 0) {
+			n->fatal = (int)k; /* RING-10: read no slot of it, stop serving */
+			return done;
+		}
 		for (int64_t j = 0; j < k; j++) {
 			struct nk_nsm_call call = { batch[j], (uint8_t)(i / 2),
 						    i % 2 ? NK_RING_RECEIVE : NK_RING_COMPLETION };
@@ -1656,9 +1663,13 @@ static int64_t nk_nsm_now_ns(void)
 static bool nk_nsm_prepare_sleep(struct nk_nsm *n)
 {
 	bool ok = true;
-	for (uint32_t i = 0; i < n->n_qsets * 2; i++)
-		if (nk_ring_prepare_sleep(&n->in[i]) != 1)
+	for (uint32_t i = 0; i < n->n_qsets * 2; i++) {
+		int rc = nk_ring_prepare_sleep(&n->in[i]);
+		if (rc < 0)
+			n->fatal = rc;
+		if (rc != 1)
 			ok = false;
+	}
 	return ok;
 }
 
@@ -1731,7 +1742,7 @@ int nk_nsm_run(struct nk_nsm *n)
 	}
 	struct epoll_event evs[64];
 	int64_t idle_since = -1;
-	while (!atomic_load_explicit(&n->stop, memory_order_acquire)) {
+	while (!atomic_load_explicit(&n->stop, memory_order_acquire) && !n->fatal) {
 		bool sleeping = false;
 		int timeout = 0;
 		if (idle_since >= 0 && nk_nsm_now_ns() - idle_since >= NK_NSM_SPIN_NS) {
@@ -1760,6 +1771,8 @@ int nk_nsm_run(struct nk_nsm *n)
 	atomic_store_explicit(&n->quit, true, memory_order_release);
 	pthread_join(n->watcher, NULL);
 	n->watching = false;
+	if (n->fatal)
+		return n->fatal;
 	return n->lost ? NK_NSM_LOST : NK_NSM_STOPPED;
 }
 

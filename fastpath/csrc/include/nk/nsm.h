@@ -43,7 +43,8 @@ struct nk_nsm *nk_nsm_new(void *base, uint64_t len, const char *runtime, int con
 /* Receive tuning: the largest TCP EV_DATA (default 64 KiB) and the receive
  * bytes one socket may hold (0: half the tenant's slice, NSM-16 variation). */
 void nk_nsm_set_rx(struct nk_nsm *n, uint32_t rx_chunk, uint64_t rx_cap);
-/* Serve until stopped; returns enum nk_nsm_exit, or -errno. */
+/* Serve until stopped; returns enum nk_nsm_exit, or -errno (-EBADMSG: a ring of the
+ * device has impossible indices, RING-10; the loop read or wrote no slot of it). */
 int nk_nsm_run(struct nk_nsm *n);
 /* From any thread: make nk_nsm_run() return NK_NSM_STOPPED soon. */
 void nk_nsm_stop(struct nk_nsm *n);
