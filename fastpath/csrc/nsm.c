@@ -70,7 +70,9 @@
 #define NK_NSM_RX_CHUNK (64u << 10)     /* largest TCP EV_DATA buffer */
 #define NK_NSM_READS_PER_EVENT 8
 #define NK_NSM_MAX_BACKLOG 4096         /* net.core.somaxconn's default */
-#define NK_NSM_SPIN_NS 50000            /* poll this long before sleeping (RING-7) */
+#ifndef NK_NSM_SPIN_NS
+#define NK_NSM_SPIN_NS 50000 /* poll this long before sleeping (RING-7) */
+#endif
 #define NK_NSM_MAX_SLEEP_MS 50          /* RING-7: the reference CoreEngine has no fences */
 #define NK_NSM_BUSY_SLEEP_MS 1          /* outputs wait for room, a ticket or a gate */
 #define NK_NSM_BELL_SLEEP_NS 50000000LL /* the bell thread re-checks its quit flag */

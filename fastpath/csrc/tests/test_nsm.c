@@ -11,6 +11,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sched.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -127,7 +129,7 @@ static struct sockaddr_in loop4(uint16_t port)
 	return a;
 }
 
-int main(void)
+static int run_tests(void)
 {
 	char dir[] = "/tmp/nk-test-nsm-XXXXXX";
 	CHECK(mkdtemp(dir));
@@ -256,4 +258,258 @@ int main(void)
 	rmdir(dir);
 	printf("test_nsm: ok\n");
 	return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * `test_nsm --bench SECONDS`: the NSM alone, this program in the CoreEngine's place
+ * (polling its rings in C), Linux sockets as the peers: 8 KB bulk SENDs, and 64 B
+ * request/response (SEND, EV_DATA, BUF_RETURN), each next to the same traffic on plain
+ * Linux sockets. Not a test: numbers for the report.
+ */
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void *sink(void *arg)
+{
+	int fd = (int)(intptr_t)arg;
+	static char buf[1 << 16];
+	while (recv(fd, buf, sizeof(buf), 0) > 0)
+		;
+	close(fd);
+	return NULL;
+}
+
+static void *echo64(void *arg)
+{
+	int fd = (int)(intptr_t)arg;
+	char buf[64];
+	for (;;) {
+		size_t have = 0;
+		while (have < sizeof(buf)) {
+			ssize_t k = recv(fd, buf + have, sizeof(buf) - have, 0);
+			if (k <= 0) {
+				close(fd);
+				return NULL;
+			}
+			have += (size_t)k;
+		}
+		if (send(fd, buf, sizeof(buf), MSG_NOSIGNAL) != (ssize_t)sizeof(buf))
+			break;
+	}
+	close(fd);
+	return NULL;
+}
+
+static int listener(struct sockaddr_in *a)
+{
+	int lst = socket(AF_INET, SOCK_STREAM, 0);
+	socklen_t l = sizeof(*a);
+	*a = loop4(0);
+	CHECK(bind(lst, (struct sockaddr *)a, sizeof(*a)) == 0 && listen(lst, 4) == 0);
+	CHECK(getsockname(lst, (struct sockaddr *)a, &l) == 0);
+	return lst;
+}
+
+static int try_pop(struct nk_ring *r, struct nk_nqe *out)
+{
+	return nk_ring_pop(r, out, 1) == 1;
+}
+
+static double bench_bulk_nsm(double seconds)
+{
+	struct sockaddr_in a;
+	int lst = listener(&a);
+	int one = 1;
+	CHECK(call(NK_OP_SOCKET, 20, AF_INET | SOCK_STREAM << 16, NULL, 0, 0) == 0);
+	CHECK(call(NK_OP_CONNECT, 20, 0, &a, sizeof(a), 0) == 0);
+	(void)one;
+	pthread_t t;
+	CHECK(pthread_create(&t, NULL, sink, (void *)(intptr_t)accept(lst, NULL, NULL)) == 0);
+	const uint32_t msg = 8192, inflight = 32; /* 32 x 8 KB of the send half */
+	uint64_t bytes = 0;
+	uint32_t posted = 0;
+	double end = now_s() + seconds, start = now_s();
+	for (uint32_t i = 0; i < inflight; i++) {
+		struct nk_nqe q = { .op = NK_OP_SEND, .vm_id = VM, .sock_id = 20,
+				    .data_ptr = (uint64_t)i * msg, .size = msg, .tag = (uint16_t)i };
+		push(&receive, &q);
+		posted++;
+	}
+	while (posted) {
+		struct nk_nqe r;
+		if (!try_pop(&sendr, &r)) {
+			sched_yield();
+			continue;
+		}
+		CHECK(r.op == (NK_OP_SEND | NK_REPLY_BIT) && (int64_t)r.op_data == msg);
+		bytes += msg;
+		posted--;
+		if (now_s() < end) {
+			struct nk_nqe q = { .op = NK_OP_SEND, .vm_id = VM, .sock_id = 20,
+					    .data_ptr = r.data_ptr, .size = msg, .tag = r.tag };
+			push(&receive, &q);
+			posted++;
+		}
+	}
+	double rate = (double)bytes / (now_s() - start);
+	CHECK(call(NK_OP_CLOSE, 20, 0, NULL, 0, 0) == 0);
+	pthread_join(t, NULL);
+	close(lst);
+	return rate;
+}
+
+static double bench_bulk_direct(double seconds)
+{
+	struct sockaddr_in a;
+	int lst = listener(&a);
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	CHECK(connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
+	pthread_t t;
+	CHECK(pthread_create(&t, NULL, sink, (void *)(intptr_t)accept(lst, NULL, NULL)) == 0);
+	static char buf[8192];
+	uint64_t bytes = 0;
+	double start = now_s(), end = start + seconds;
+	while (now_s() < end) {
+		CHECK(send(fd, buf, sizeof(buf), 0) == (ssize_t)sizeof(buf));
+		bytes += sizeof(buf);
+	}
+	double rate = (double)bytes / (now_s() - start);
+	close(fd);
+	pthread_join(t, NULL);
+	close(lst);
+	return rate;
+}
+
+static double bench_rr_nsm(double seconds)
+{
+	struct sockaddr_in a;
+	int lst = listener(&a);
+	CHECK(call(NK_OP_SOCKET, 21, AF_INET | SOCK_STREAM << 16, NULL, 0, 0) == 0);
+	int on = 1;
+	CHECK(call(NK_OP_SETSOCKOPT, 21, IPPROTO_TCP | (uint64_t)TCP_NODELAY << 32, &on, 4, 0) == 0);
+	CHECK(call(NK_OP_CONNECT, 21, 0, &a, sizeof(a), 0) == 0);
+	pthread_t t;
+	int peer = accept(lst, NULL, NULL);
+	setsockopt(peer, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+	CHECK(pthread_create(&t, NULL, echo64, (void *)(intptr_t)peer) == 0);
+	uint64_t trips = 0;
+	double start = now_s(), end = start + seconds;
+	memset(vm_data, 'x', 64);
+	while (now_s() < end) {
+		struct nk_nqe q = { .op = NK_OP_SEND, .vm_id = VM, .sock_id = 21, .data_ptr = 0,
+				    .size = 64, .tag = (uint16_t)trips };
+		push(&receive, &q);
+		uint32_t got = 0;
+		bool replied = false;
+		while (got < 64 || !replied) {
+			struct nk_nqe r;
+			if (!try_pop(&sendr, &r)) {
+				sched_yield();
+				continue;
+			}
+			if (r.op == (NK_OP_SEND | NK_REPLY_BIT)) {
+				replied = true;
+				continue;
+			}
+			CHECK(r.op == NK_OP_EV_DATA);
+			got += r.size;
+			struct nk_nqe br = { .op = NK_OP_BUF_RETURN, .vm_id = VM,
+					     .data_ptr = r.data_ptr, .size = r.size };
+			push(&receive, &br);
+		}
+		trips++;
+	}
+	double rate = (double)trips / (now_s() - start);
+	CHECK(call(NK_OP_CLOSE, 21, 0, NULL, 0, 0) == 0);
+	pthread_join(t, NULL);
+	close(lst);
+	return rate;
+}
+
+static double bench_rr_direct(double seconds)
+{
+	struct sockaddr_in a;
+	int lst = listener(&a);
+	int fd = socket(AF_INET, SOCK_STREAM, 0), on = 1;
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+	CHECK(connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
+	int peer = accept(lst, NULL, NULL);
+	setsockopt(peer, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+	pthread_t t;
+	CHECK(pthread_create(&t, NULL, echo64, (void *)(intptr_t)peer) == 0);
+	char buf[64] = { 0 };
+	uint64_t trips = 0;
+	double start = now_s(), end = start + seconds;
+	while (now_s() < end) {
+		CHECK(send(fd, buf, sizeof(buf), 0) == 64);
+		size_t have = 0;
+		while (have < 64) {
+			ssize_t k = recv(fd, buf + have, 64 - have, 0);
+			CHECK(k > 0);
+			have += (size_t)k;
+		}
+		trips++;
+	}
+	double rate = (double)trips / (now_s() - start);
+	close(fd);
+	pthread_join(t, NULL);
+	close(lst);
+	return rate;
+}
+
+static int run_bench(double seconds)
+{
+	vm_geo = (struct nk_geometry){ 1, 256, 8u << 20, 4u << 20, GRANULE, NK_KIND_TENANT };
+	nsm_geo = (struct nk_geometry){ 1, 256, 2 * GRANULE, GRANULE, GRANULE, NK_KIND_NSM };
+	char dir[] = "/tmp/nk-bench-nsm-XXXXXX";
+	CHECK(mkdtemp(dir));
+	uint64_t nsm_len = nk_geo_total_size(&nsm_geo);
+	nsm_base = mmap(NULL, nsm_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	CHECK(nsm_base != MAP_FAILED);
+	init_header(nsm_base, &nsm_geo);
+	char path[256];
+	snprintf(path, sizeof(path), "%s/vm-%d.nk", dir, VM);
+	int fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
+	CHECK(fd >= 0 && ftruncate(fd, (off_t)nk_geo_total_size(&vm_geo)) == 0);
+	vm_base = mmap(NULL, nk_geo_total_size(&vm_geo), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	CHECK(vm_base != MAP_FAILED);
+	close(fd);
+	init_header(vm_base, &vm_geo);
+	vm_data = vm_base + nk_geo_data_offset(&vm_geo);
+	uint32_t e = nsm_geo.ring_entries;
+	nk_ring_init(&job, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_JOB), e);
+	nk_ring_init(&completion, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_COMPLETION), e);
+	nk_ring_init(&sendr, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_SEND), e);
+	nk_ring_init(&receive, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_RECEIVE), e);
+	struct nk_nsm *n = nk_nsm_new(nsm_base, nsm_len, dir, -1, -1);
+	CHECK(n);
+	pthread_t t;
+	CHECK(pthread_create(&t, NULL, runner, n) == 0);
+	CHECK((int64_t)control(NK_OP_TENANT_MAP, VM, vm_geo.send_size,
+			       (uint32_t)(vm_geo.data_size - vm_geo.send_size)).op_data == 0);
+	double bn = bench_bulk_nsm(seconds), bd = bench_bulk_direct(seconds);
+	double rn = bench_rr_nsm(seconds), rd = bench_rr_direct(seconds);
+	printf("bulk 8 KB   NSM alone %9.1f MB/s   direct %9.1f MB/s   ratio %.3f\n", bn / 1e6,
+	       bd / 1e6, bn / bd);
+	printf("rr 64 B     NSM alone %9.0f /s     direct %9.0f /s     ratio %.3f\n", rn, rd,
+	       rn / rd);
+	nk_nsm_stop(n);
+	pthread_join(t, NULL);
+	nk_nsm_free(n);
+	munmap(vm_base, nk_geo_total_size(&vm_geo));
+	munmap(nsm_base, nsm_len);
+	unlink(path);
+	rmdir(dir);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc == 3 && strcmp(argv[1], "--bench") == 0)
+		return run_bench(atof(argv[2]));
+	return run_tests();
 }
