@@ -237,6 +237,7 @@ step = st.one_of(
                                             st.binary(max_size=64),
                                             st.sampled_from([None, "udp", "closed", "short"]))),
     st.tuples(st.just(Op.CLOSE), st.sampled_from([0, 1])),
+    st.tuples(st.just(Op.ACCEPT), st.sampled_from([0, 4, 28])),  # with bit 32: never waits
     st.tuples(st.just("raw"), st.tuples(st.sampled_from([0x3E, 0x7F, 0xC1, 0xFE, Op.EV_DATA,
                                                          Op.ATTACH, Op.DETACH, Op.GETSOCKNAME,
                                                          Op.SOCKET | REPLY_BIT]),
@@ -275,6 +276,8 @@ def run_steps(ce: Any, plan: list[tuple[int, Any]], peers: dict[str, bytes],
             op_data, data = flags | len(prefix) << 32, prefix + payload
         elif op is Op.CLOSE:
             op_data = arg
+        elif op is Op.ACCEPT:
+            op_data, out = (base + 5) | 1 << 32, arg  # NSM-7: -EAGAIN at once, or an error
         rep = ce.call(op, sock, op_data, data, out=out)
         written = ce.last_out if out and rep.result > 0 else b""
         if op in (Op.GETSOCKNAME, Op.GETPEERNAME) and len(written) >= 4:
