@@ -147,6 +147,43 @@ def test_a_ring_with_impossible_indices_stops_the_loop(tmp_path: Path) -> None:
         ce.close()
 
 
+def test_a_lingering_close_does_not_block_the_loop(rig: FakeCoreEngine) -> None:
+    """SO_LINGER {1, 30} on a connection whose peer reads nothing: close(2) would block
+    for 30 s, so the NSM closes it in a helper thread; the CLOSE and later calls are
+    answered meanwhile (FakeCoreEngine waits 5 s for a reply)."""
+    with socket.socket() as server:
+        server.bind((LOOP, 0))
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        server.listen(1)
+        assert rig.do(Op.SOCKET, 1, STREAM) == 0
+        assert rig.do(Op.SETSOCKOPT, 1, opt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                      struct.pack("i", 4096)) == 0
+        assert rig.do(Op.CONNECT, 1, 0, sockaddr_in(*server.getsockname())) == 0
+        peer, _ = server.accept()
+        with peer:
+            assert rig.do(Op.SEND, 1, socket.MSG_DONTWAIT, bytes(60000)) > 0  # unread bytes
+            assert rig.do(Op.SETSOCKOPT, 1, opt(socket.SOL_SOCKET, socket.SO_LINGER),
+                          struct.pack("ii", 1, 30)) == 0
+            assert rig.do(Op.CLOSE, 1) == 0
+            assert rig.do(Op.SOCKET, 2, DGRAM) == 0
+            assert rig.do(Op.CLOSE, 2) == 0
+
+
+def test_the_lingering_close_test_catches_a_loop_that_blocks(tmp_path: Path) -> None:
+    """A build with -DNK_BROKEN_LINGER closes lingering sockets in the loop itself: the
+    test above must fail on it."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, CFLAGS="-DNK_BROKEN_LINGER")
+    built = subprocess.run([sys.executable, str(root / "fastpath" / "build.py"), "--out",
+                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    env = dict(os.environ, NETKERNEL_FASTPATH_EXT=built.stdout.strip().splitlines()[-1])
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          f"{__file__}::test_a_lingering_close_does_not_block_the_loop"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout
+
+
 # -- 2. differential: the reference NSM and the C NSM, call for call ----------------------------
 
 

@@ -614,7 +614,11 @@ static void *nk_nsm_close_thread(void *arg)
 /* close(2), in a helper thread when SO_LINGER would make it block the loop. */
 static void nk_nsm_close_fd(int fd)
 {
-	if (nk_nsm_lingers(fd)) {
+	bool lingers = nk_nsm_lingers(fd);
+#ifdef NK_BROKEN_LINGER
+	lingers = false; /* a deliberately broken build: tests/test_fastpath_nsm.py must notice */
+#endif
+	if (lingers) {
 		pthread_t t;
 		pthread_attr_t attr;
 		pthread_attr_init(&attr);
