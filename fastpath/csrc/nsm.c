@@ -1,0 +1,1901 @@
+/* ServiceLib and the kernel-stack NSM (spec/nsm.md, spec/device.md DEV-8, BUF-*).
+ *
+ * The C twin of netkernel.reference.servicelib + netkernel.reference.nsm_kernel,
+ * written to be read side by side with them: the same functions in the same
+ * order (_dispatch, _tenant_map, _socket, _accept, _try_send, _readable, ...),
+ * the same decisions, so every reply, errno and event is the reference's.
+ * Tenant sockets are non-blocking Linux sockets; payload goes between the
+ * tenant's data area and the kernel in place (sendto from the send half,
+ * recvfrom into a receive buffer of the NSM's slice): one copy, by the kernel.
+ *
+ * Threads and sleeping. A futex (the DEVICE bells, DEV-9) and epoll (the
+ * sockets) cannot be waited on at once, so there are two threads:
+ *
+ *   - the loop thread (nk_nsm_run) owns everything: it consumes COMPLETION
+ *     and RECEIVE, executes calls, reads sockets, produces on JOB and SEND.
+ *     It sleeps in epoll_wait() only, on the sockets, the control
+ *     connection, the stop fd and one eventfd;
+ *   - the bell thread does nothing but sleep on the DEVICE bells
+ *     (futex_waitv) and write the eventfd whenever a bell word changed since
+ *     it last looked (the reference's watcher, in C).
+ *
+ * Only the loop thread touches rings, sockets and tenant areas, so there is
+ * no lock anywhere; the threads share the eventfd, the bell words (read-only
+ * here) and an atomic quit flag. Before sleeping the loop sets NEED_WAKEUP on
+ * every incoming ring and re-checks them (RING-6, nk_ring_prepare_sleep); a
+ * CoreEngine that publishes after that sees the flag and rings a bell, the
+ * bell thread wakes and writes the eventfd, and epoll_wait returns. The bell
+ * thread compares each bell with the value it saw last, not with the value at
+ * the loop's decision, so a ring between its wake-up and its next wait is not
+ * lost either. The cost is one extra thread hop per wake-up from sleep; while
+ * work flows, the loop polls (spins NK_NSM_SPIN_NS before it sleeps) and the
+ * CoreEngine makes no system call at all (RING-11).
+ *
+ * Sleeps are bounded by 50 ms (RING-7: our side has RING-6's full fences,
+ * but a Python CoreEngine cannot emit them, so a bell may be lost on its
+ * side) and by 1 ms while outputs wait for
+ * ring room, for a ticket (a CLOSE reply, NSM-17) or a gate (a new
+ * connection's events, NSM-17): a producer gets no wake-up for free room
+ * (RING-4), so those are polled.
+ */
+#define _GNU_SOURCE
+#include "nk/nsm.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "nk/bell.h"
+#include "nk/device.h"
+#include "nk/nqe.h"
+#include "nk/ring.h"
+
+#define NK_NSM_BATCH 64                 /* NQEs taken from one ring per poll (RING-8) */
+#define NK_NSM_RX_CHUNK (64u << 10)     /* largest TCP EV_DATA buffer */
+#define NK_NSM_READS_PER_EVENT 8
+#define NK_NSM_MAX_BACKLOG 4096         /* net.core.somaxconn's default */
+#ifndef NK_NSM_SPIN_NS
+#define NK_NSM_SPIN_NS 50000 /* poll this long before sleeping (RING-7) */
+#endif
+#define NK_NSM_MAX_SLEEP_MS 50          /* RING-7: the reference CoreEngine has no fences */
+#define NK_NSM_BUSY_SLEEP_MS 1          /* outputs wait for room, a ticket or a gate */
+#define NK_NSM_BELL_SLEEP_NS 50000000LL /* the bell thread re-checks its quit flag */
+#define NK_NSM_SOCKADDR_MAX 128         /* sizeof(struct sockaddr_storage) */
+#define NK_NSM_ACCEPT_NOWAIT (1ull << 32)
+#define NK_NSM_HALF (1u << 31)
+/* MSG_* flags a SEND may carry: OOB, DONTROUTE, DONTWAIT, EOR, CONFIRM, MORE. */
+#define NK_NSM_SEND_FLAGS (MSG_OOB | MSG_DONTROUTE | MSG_DONTWAIT | MSG_EOR | MSG_CONFIRM | MSG_MORE)
+
+/* ---------------------------------------------------------------------------------------
+ * A FIFO of fixed-size elements (the reference's deques).
+ */
+struct nk_nsm_q {
+	char *buf;
+	uint32_t head, len, cap, esz;
+};
+
+static void nk_nsm_oom(void)
+{
+	fputs("nsm: out of memory\n", stderr);
+	abort();
+}
+
+static void q_init(struct nk_nsm_q *q, uint32_t esz)
+{
+	memset(q, 0, sizeof(*q));
+	q->esz = esz;
+}
+
+static void *q_at(const struct nk_nsm_q *q, uint32_t i)
+{
+	return q->buf + (size_t)((q->head + i) % q->cap) * q->esz;
+}
+
+static void *q_push(struct nk_nsm_q *q, const void *e)
+{
+	if (q->len == q->cap) {
+		uint32_t cap = q->cap ? 2 * q->cap : 8;
+		char *buf = malloc((size_t)cap * q->esz);
+		if (!buf)
+			nk_nsm_oom();
+		for (uint32_t i = 0; i < q->len; i++)
+			memcpy(buf + (size_t)i * q->esz, q_at(q, i), q->esz);
+		free(q->buf);
+		q->buf = buf;
+		q->cap = cap;
+		q->head = 0;
+	}
+	void *slot = q->buf + (size_t)((q->head + q->len) % q->cap) * q->esz;
+	memcpy(slot, e, q->esz);
+	q->len++;
+	return slot;
+}
+
+static void q_pop(struct nk_nsm_q *q, uint32_t n)
+{
+	q->head = (q->head + n) % (q->cap ? q->cap : 1);
+	q->len -= n;
+}
+
+static void q_free(struct nk_nsm_q *q)
+{
+	free(q->buf);
+	q_init(q, q->esz);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The receive slice: first fit over sorted free runs of granules (the
+ * reference's bufpool.Allocator), plus what each lent buffer is (BUF-2, BUF-4).
+ */
+struct nk_nsm_lent {
+	uint32_t size;   /* bytes allocated (0: no live buffer starts at this granule) */
+	uint32_t named;  /* the size its EV_DATA named (0: not named yet) */
+	uint32_t owner;  /* sock_id of the socket it was read for */
+	uint32_t serial; /* that socket's serial: a later socket with the same ID is another */
+};
+
+struct nk_nsm_alloc {
+	uint64_t base;   /* offset of the slice in the data area */
+	uint64_t size;
+	uint32_t granule;
+	uint32_t total;  /* granules */
+	uint32_t nruns;
+	uint32_t *starts, *counts; /* free runs, sorted, never adjacent */
+	struct nk_nsm_lent *lent;  /* per granule */
+};
+
+static int alloc_init(struct nk_nsm_alloc *a, uint64_t base, uint64_t size, uint32_t granule)
+{
+	memset(a, 0, sizeof(*a));
+	if (size / granule > UINT32_MAX - 2)
+		return -EINVAL;
+	a->base = base;
+	a->size = size;
+	a->granule = granule;
+	a->total = (uint32_t)(size / granule);
+	a->starts = calloc(a->total / 2 + 2, sizeof(uint32_t));
+	a->counts = calloc(a->total / 2 + 2, sizeof(uint32_t));
+	a->lent = calloc(a->total, sizeof(*a->lent)); /* untouched pages cost nothing */
+	if (!a->starts || !a->counts || !a->lent) {
+		free(a->starts);
+		free(a->counts);
+		free(a->lent);
+		return -ENOMEM;
+	}
+	a->starts[0] = 0;
+	a->counts[0] = a->total;
+	a->nruns = 1;
+	return 0;
+}
+
+static void alloc_free_all(struct nk_nsm_alloc *a)
+{
+	free(a->starts);
+	free(a->counts);
+	free(a->lent);
+}
+
+static uint64_t alloc_largest_free(const struct nk_nsm_alloc *a)
+{
+	uint32_t best = 0;
+	for (uint32_t i = 0; i < a->nruns; i++)
+		if (a->counts[i] > best)
+			best = a->counts[i];
+	return (uint64_t)best * a->granule;
+}
+
+/* A buffer of size bytes (0 < size <= slice): its offset, or UINT64_MAX when no run fits (BUF-7). */
+static uint64_t alloc_get(struct nk_nsm_alloc *a, uint32_t size, uint32_t owner, uint32_t serial)
+{
+	uint32_t need = (uint32_t)(((uint64_t)size + a->granule - 1) / a->granule);
+	for (uint32_t i = 0; i < a->nruns; i++) {
+		if (a->counts[i] < need)
+			continue;
+		uint32_t first = a->starts[i];
+		if (a->counts[i] == need) {
+			memmove(&a->starts[i], &a->starts[i + 1], (a->nruns - i - 1) * sizeof(uint32_t));
+			memmove(&a->counts[i], &a->counts[i + 1], (a->nruns - i - 1) * sizeof(uint32_t));
+			a->nruns--;
+		} else {
+			a->starts[i] += need;
+			a->counts[i] -= need;
+		}
+		a->lent[first] = (struct nk_nsm_lent){ size, 0, owner, serial };
+		return a->base + (uint64_t)first * a->granule;
+	}
+	return UINT64_MAX;
+}
+
+/* Give back the live buffer at granule `first` (checked by the caller). */
+static void alloc_put(struct nk_nsm_alloc *a, uint32_t first)
+{
+	uint32_t count = (uint32_t)(((uint64_t)a->lent[first].size + a->granule - 1) / a->granule);
+	a->lent[first].size = 0;
+	a->lent[first].named = 0;
+	uint32_t i = 0;
+	while (i < a->nruns && a->starts[i] < first)
+		i++;
+	memmove(&a->starts[i + 1], &a->starts[i], (a->nruns - i) * sizeof(uint32_t));
+	memmove(&a->counts[i + 1], &a->counts[i], (a->nruns - i) * sizeof(uint32_t));
+	a->starts[i] = first;
+	a->counts[i] = count;
+	a->nruns++;
+	/* coalesce with the next run, then with the previous one */
+	if (i + 1 < a->nruns && first + count == a->starts[i + 1]) {
+		a->counts[i] += a->counts[i + 1];
+		memmove(&a->starts[i + 1], &a->starts[i + 2], (a->nruns - i - 2) * sizeof(uint32_t));
+		memmove(&a->counts[i + 1], &a->counts[i + 2], (a->nruns - i - 2) * sizeof(uint32_t));
+		a->nruns--;
+	}
+	if (i > 0 && a->starts[i - 1] + a->counts[i - 1] == first) {
+		a->counts[i - 1] += a->counts[i];
+		memmove(&a->starts[i], &a->starts[i + 1], (a->nruns - i - 1) * sizeof(uint32_t));
+		memmove(&a->counts[i], &a->counts[i + 1], (a->nruns - i - 1) * sizeof(uint32_t));
+		a->nruns--;
+	}
+}
+
+/* [off, off+size) inside [base, base+span), never forming off+size (NQE-14). */
+static bool nk_nsm_within(uint64_t base, uint64_t span, uint64_t off, uint64_t size)
+{
+	if (off < base)
+		return false;
+	uint64_t room = base + span - off; /* base + span cannot wrap: both describe a mapping */
+	return off - base <= span && size <= room;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Tenants, sockets, calls.
+ */
+struct nk_nsm_call {
+	struct nk_nqe nqe;
+	uint8_t qset; /* the queue set and ring it was read from: its reply goes on the pair */
+	uint8_t ring;
+};
+
+struct nk_nsm_ticket {
+	uint8_t qset;
+	uint8_t out;    /* 0 JOB, 1 SEND */
+	uint32_t index; /* the ring index the output occupies once published */
+};
+
+struct nk_nsm_send {
+	struct nk_nsm_call call;
+	char *payload;
+	char *dest;
+	uint32_t length;
+	uint32_t dest_len;
+	uint32_t done;
+	int flags;
+};
+
+struct nk_nsm_pending_conn {
+	int fd;
+	uint32_t len;
+	uint8_t addr[NK_NSM_SOCKADDR_MAX];
+};
+
+struct nk_nsm_sock {
+	struct nk_nsm_sock *hnext; /* hash chain */
+	struct nk_nsm_sock *dnext; /* dead list: freed after the epoll batch */
+	uint32_t sock_id;
+	uint32_t serial;
+	uint8_t vm_id;
+	uint8_t qset;
+	int fd;
+	int family;
+	bool stream;
+	bool reading;  /* stream: connected, not at EOF or error; datagram: always */
+	bool paused;   /* no receive buffer, or the socket's cap reached (BUF-7) */
+	bool starved;  /* in its tenant's starved list */
+	bool gated;    /* reading waits until the CoreEngine read `gate` (NSM-17) */
+	bool listening;
+	bool accept_stalled;
+	bool shut_wr_later;
+	bool closed;
+	bool has_connect;
+	struct nk_nsm_ticket gate;
+	struct nk_nsm_call connect;
+	int backlog_cap;
+	struct nk_nsm_q backlog; /* struct nk_nsm_pending_conn */
+	struct nk_nsm_q accepts; /* struct nk_nsm_call */
+	struct nk_nsm_q sendq;   /* struct nk_nsm_send */
+	uint64_t rx_bytes;       /* receive buffers the tenant holds from this socket */
+	uint32_t mask;           /* the epoll interest registered now */
+};
+
+struct nk_nsm_tenant {
+	uint8_t vm_id;
+	char *map;
+	size_t map_len;
+	char *data;
+	uint64_t data_size, send_size;
+	uint32_t buf_size;
+	uint64_t grant_off, grant_size;
+	struct nk_nsm_alloc pool;
+	struct nk_nsm_q starved; /* struct nk_nsm_sock * */
+};
+
+struct nk_nsm_held {
+	struct nk_nsm_ticket ticket;
+	struct nk_nsm_call call;
+	int64_t result;
+};
+
+struct nk_nsm_out {
+	struct nk_ring ring;
+	struct nk_nsm_q box; /* struct nk_nqe, queued in order (RING-4) */
+};
+
+struct nk_nsm {
+	char *base;
+	uint64_t len;
+	uint32_t n_qsets;
+	char runtime[PATH_MAX];
+	int control_fd, stop_fd, wake_fd, epfd;
+	struct nk_ring *in;     /* [qset * 2 + 0] COMPLETION, [+1] RECEIVE */
+	struct nk_nsm_out *out; /* [qset * 2 + 0] JOB, [+1] SEND */
+	uint32_t **device_bells, **engine_bells;
+	uint32_t bells_seen[NK_BELL_WAITV_MAX]; /* the bell thread's */
+	struct nk_nsm_tenant *tenants[256];
+	struct nk_nsm_sock **buckets;
+	uint32_t nbuckets, nsocks, next_serial;
+	struct nk_nsm_sock *dead;
+	struct nk_nsm_q held;  /* struct nk_nsm_held: replies waiting for a ticket */
+	struct nk_nsm_q gated; /* struct nk_nsm_sock * */
+	uint32_t rx_chunk;
+	uint64_t rx_cap;
+	uint8_t scratch[NK_NSM_SOCKADDR_MAX];
+	atomic_bool stop;
+	atomic_bool quit; /* the bell thread's */
+	bool lost;
+	int fatal;      /* RING-10: a ring with impossible indices; the loop ends with it */
+	bool watching;
+	pthread_t watcher;
+	struct nk_nsm_counters c;
+	_Atomic uint64_t bell_wakeups;
+};
+
+/* epoll tags of the fds that are not sockets */
+static char nk_nsm_tag_wake, nk_nsm_tag_control, nk_nsm_tag_stop;
+
+enum { NK_NSM_OUT_JOB = 0, NK_NSM_OUT_SEND = 1 };
+
+/* ---------------------------------------------------------------------------------------
+ * Outputs (ServiceLib.reply / event / flush): queued per ring, in order,
+ * published in batches; tickets tell when the CoreEngine has read one.
+ */
+static struct nk_nsm_out *out_of(struct nk_nsm *n, uint8_t qset, uint8_t out)
+{
+	return &n->out[qset * 2 + out];
+}
+
+static struct nk_nsm_ticket nk_nsm_enqueue(struct nk_nsm *n, uint8_t qset, uint8_t out,
+					   const struct nk_nqe *e)
+{
+	struct nk_nsm_out *o = out_of(n, qset, out);
+	q_push(&o->box, e);
+	n->c.nqe_out++;
+	/* our own tail (we are the producer): relaxed */
+	uint32_t tail = atomic_load_explicit(NK_ATOMIC(o->ring.tail), memory_order_relaxed);
+	return (struct nk_nsm_ticket){ qset, out, tail + o->box.len };
+}
+
+/* NQE-8, NQE-9, NQE-13: the reply keeps qset, vm_id, sock_id, data_ptr, size and tag. */
+static struct nk_nsm_ticket nk_nsm_reply(struct nk_nsm *n, const struct nk_nsm_call *call,
+					 int64_t result)
+{
+	struct nk_nqe r = call->nqe;
+	r.op = nk_op_is_answerable(r.op) ? (uint8_t)(r.op | NK_REPLY_BIT) : NK_OP_UNKNOWN_REPLY;
+	r.op_data = (uint64_t)result;
+	memset(r.reserved, 0, sizeof(r.reserved)); /* NQE-4 */
+	/* DEV-8: COMPLETION -> JOB, RECEIVE -> SEND */
+	return nk_nsm_enqueue(n, call->qset, call->ring == NK_RING_COMPLETION ? NK_NSM_OUT_JOB
+									    : NK_NSM_OUT_SEND, &r);
+}
+
+/* NSM-15: events go on SEND of the socket's queue set. */
+static struct nk_nsm_ticket nk_nsm_event(struct nk_nsm *n, const struct nk_nsm_sock *s,
+					 uint8_t op, int64_t op_data, uint64_t data_ptr,
+					 uint32_t size)
+{
+	struct nk_nqe e;
+	memset(&e, 0, sizeof(e));
+	e.op = op;
+	e.qset = s->qset;
+	e.vm_id = s->vm_id;
+	e.sock_id = s->sock_id;
+	e.op_data = (uint64_t)op_data;
+	e.data_ptr = data_ptr;
+	e.size = size;
+	return nk_nsm_enqueue(n, s->qset, NK_NSM_OUT_SEND, &e);
+}
+
+static struct nk_nsm_ticket nk_nsm_last_ticket(struct nk_nsm *n, uint8_t qset, uint8_t out)
+{
+	struct nk_nsm_out *o = out_of(n, qset, out);
+	uint32_t tail = atomic_load_explicit(NK_ATOMIC(o->ring.tail), memory_order_relaxed);
+	return (struct nk_nsm_ticket){ qset, out, tail + o->box.len };
+}
+
+/* True once the CoreEngine's head has passed the ticket (RING-3 arithmetic). */
+static bool nk_nsm_consumed(struct nk_nsm *n, struct nk_nsm_ticket t)
+{
+	/* acquire: pairs with the CoreEngine's release of head (RING-5); what
+	 * follows (publishing an event, a CLOSE reply) is ordered after it */
+	uint32_t head = atomic_load_explicit(NK_ATOMIC(out_of(n, t.qset, t.out)->ring.head),
+					     memory_order_acquire);
+	return (uint32_t)(head - t.index) < NK_NSM_HALF;
+}
+
+static void nk_nsm_reply_after(struct nk_nsm *n, struct nk_nsm_ticket t,
+			       const struct nk_nsm_call *call, int64_t result)
+{
+	if (nk_nsm_consumed(n, t)) {
+		nk_nsm_reply(n, call, result);
+		return;
+	}
+	struct nk_nsm_held h = { t, *call, result };
+	q_push(&n->held, &h);
+}
+
+static uint32_t nk_nsm_pending_outputs(const struct nk_nsm *n)
+{
+	uint32_t total = n->held.len;
+	for (uint32_t i = 0; i < n->n_qsets * 2; i++)
+		total += n->out[i].box.len;
+	return total;
+}
+
+/* Publish what fits (RING-4, RING-8), ring the CoreEngine's bell if it sleeps (RING-6). */
+static void nk_nsm_flush(struct nk_nsm *n)
+{
+	if (n->held.len) {
+		uint32_t keep = n->held.len;
+		for (uint32_t i = 0; i < keep; i++) {
+			struct nk_nsm_held h = *(struct nk_nsm_held *)q_at(&n->held, 0);
+			q_pop(&n->held, 1);
+			if (nk_nsm_consumed(n, h.ticket))
+				nk_nsm_reply(n, &h.call, h.result);
+			else
+				q_push(&n->held, &h);
+		}
+	}
+	for (uint32_t i = 0; i < n->n_qsets * 2; i++) {
+		struct nk_nsm_out *o = &n->out[i];
+		uint32_t pushed = 0;
+		while (o->box.len) {
+			/* the queued NQEs from head to the end of the buffer are contiguous */
+			uint32_t run = o->box.cap - o->box.head;
+			if (run > o->box.len)
+				run = o->box.len;
+			int64_t k = nk_ring_push(&o->ring, q_at(&o->box, 0), run);
+			if (k < 0)
+				n->fatal = (int)k; /* RING-10: stop using the device */
+			if (k <= 0)
+				break; /* full: keep them (RING-4) */
+			q_pop(&o->box, (uint32_t)k);
+			pushed += (uint32_t)k;
+			if ((uint32_t)k < run)
+				break;
+		}
+		if (pushed && nk_ring_consumer_sleeping(&o->ring))
+			nk_bell_ring(n->engine_bells[i / 2]);
+	}
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The socket table, keyed by (VM ID, socket ID) (NSM-14).
+ */
+static uint64_t nk_nsm_key(uint8_t vm, uint32_t sock)
+{
+	return (uint64_t)vm << 32 | sock;
+}
+
+static uint32_t nk_nsm_bucket(const struct nk_nsm *n, uint8_t vm, uint32_t sock)
+{
+	uint64_t h = nk_nsm_key(vm, sock) * 0x9E3779B97F4A7C15ull;
+	return (uint32_t)(h >> 32) & (n->nbuckets - 1);
+}
+
+static struct nk_nsm_sock *nk_nsm_find(const struct nk_nsm *n, uint8_t vm, uint32_t sock)
+{
+	for (struct nk_nsm_sock *s = n->buckets[nk_nsm_bucket(n, vm, sock)]; s; s = s->hnext)
+		if (s->vm_id == vm && s->sock_id == sock)
+			return s;
+	return NULL;
+}
+
+static void nk_nsm_insert(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	if (n->nsocks >= n->nbuckets) {
+		uint32_t old = n->nbuckets;
+		struct nk_nsm_sock **ob = n->buckets;
+		n->nbuckets = old * 2;
+		n->buckets = calloc(n->nbuckets, sizeof(*n->buckets));
+		if (!n->buckets)
+			nk_nsm_oom();
+		for (uint32_t i = 0; i < old; i++) {
+			for (struct nk_nsm_sock *x = ob[i], *next; x; x = next) {
+				next = x->hnext;
+				uint32_t b = nk_nsm_bucket(n, x->vm_id, x->sock_id);
+				x->hnext = n->buckets[b];
+				n->buckets[b] = x;
+			}
+		}
+		free(ob);
+	}
+	uint32_t b = nk_nsm_bucket(n, s->vm_id, s->sock_id);
+	s->hnext = n->buckets[b];
+	n->buckets[b] = s;
+	n->nsocks++;
+}
+
+static void nk_nsm_remove(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	struct nk_nsm_sock **p = &n->buckets[nk_nsm_bucket(n, s->vm_id, s->sock_id)];
+	for (; *p; p = &(*p)->hnext) {
+		if (*p == s) {
+			*p = s->hnext;
+			n->nsocks--;
+			return;
+		}
+	}
+}
+
+static struct nk_nsm_sock *nk_nsm_sock_new(struct nk_nsm *n, const struct nk_nsm_call *call,
+					   uint32_t sock_id, int fd, int family, bool stream)
+{
+	struct nk_nsm_sock *s = calloc(1, sizeof(*s));
+	if (!s)
+		nk_nsm_oom();
+	s->sock_id = sock_id;
+	s->serial = ++n->next_serial;
+	s->vm_id = call->nqe.vm_id;
+	s->qset = call->qset;
+	s->fd = fd;
+	s->family = family;
+	s->stream = stream;
+	q_init(&s->backlog, sizeof(struct nk_nsm_pending_conn));
+	q_init(&s->accepts, sizeof(struct nk_nsm_call));
+	q_init(&s->sendq, sizeof(struct nk_nsm_send));
+	nk_nsm_insert(n, s);
+	return s;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Linux socket calls with io_uring-style results (reference/ksock.py).
+ */
+static int64_t nk_nsm_rc(long rc)
+{
+	return rc < 0 ? -errno : rc;
+}
+
+static int64_t nk_nsm_pending_error(int fd)
+{
+	int err = 0;
+	socklen_t len = sizeof(err);
+	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+		return -errno;
+	return err ? -err : 0;
+}
+
+static bool nk_nsm_lingers(int fd)
+{
+	struct linger l = { 0, 0 };
+	socklen_t len = sizeof(l);
+	if (getsockopt(fd, SOL_SOCKET, SO_LINGER, &l, &len) < 0)
+		return false;
+	return l.l_onoff && l.l_linger > 0;
+}
+
+static void *nk_nsm_close_thread(void *arg)
+{
+	close((int)(intptr_t)arg);
+	return NULL;
+}
+
+/* close(2), in a helper thread when SO_LINGER would make it block the loop. */
+static void nk_nsm_close_fd(int fd)
+{
+	bool lingers = nk_nsm_lingers(fd);
+#ifdef NK_BROKEN_LINGER
+	lingers = false; /* a deliberately broken build: tests/test_fastpath_nsm.py must notice */
+#endif
+	if (lingers) {
+		pthread_t t;
+		pthread_attr_t attr;
+		pthread_attr_init(&attr);
+		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+		int rc = pthread_create(&t, &attr, nk_nsm_close_thread, (void *)(intptr_t)fd);
+		pthread_attr_destroy(&attr);
+		if (rc == 0)
+			return;
+	}
+	close(fd);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Interest and teardown.
+ */
+static void nk_nsm_update(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	if (s->closed)
+		return;
+	bool read = (s->listening && !s->accept_stalled &&
+		     (s->accepts.len || (int)s->backlog.len < s->backlog_cap)) ||
+		    s->accepts.len || (s->reading && !s->paused && !s->gated);
+	bool write = s->has_connect || s->sendq.len;
+	uint32_t mask = (read ? EPOLLIN : 0) | (write ? EPOLLOUT : 0);
+	if (mask == s->mask)
+		return;
+	struct epoll_event ev = { .events = mask, .data.ptr = s };
+	if (s->mask == 0)
+		epoll_ctl(n->epfd, EPOLL_CTL_ADD, s->fd, &ev);
+	else if (mask == 0)
+		epoll_ctl(n->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+	else
+		epoll_ctl(n->epfd, EPOLL_CTL_MOD, s->fd, &ev);
+	s->mask = mask;
+}
+
+static void nk_nsm_drop_backlog(struct nk_nsm_sock *s)
+{
+	while (s->backlog.len) {
+		nk_nsm_close_fd(((struct nk_nsm_pending_conn *)q_at(&s->backlog, 0))->fd);
+		q_pop(&s->backlog, 1);
+	}
+}
+
+static void nk_nsm_unstarve(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	struct nk_nsm_tenant *t = n->tenants[s->vm_id];
+	if (!s->starved || !t)
+		return;
+	for (uint32_t i = 0; i < t->starved.len; i++) {
+		struct nk_nsm_sock **p = q_at(&t->starved, i);
+		if (*p == s) {
+			*p = *(struct nk_nsm_sock **)q_at(&t->starved, 0); /* order is irrelevant */
+			q_pop(&t->starved, 1);
+			break;
+		}
+	}
+	s->starved = false;
+}
+
+/* Close s; with reason != 0 its pending calls are answered with it (NSM-8). */
+static void nk_nsm_destroy(struct nk_nsm *n, struct nk_nsm_sock *s, int64_t reason)
+{
+	if (s->closed)
+		return;
+	if (reason) {
+		if (s->has_connect)
+			nk_nsm_reply(n, &s->connect, reason);
+		for (uint32_t i = 0; i < s->accepts.len; i++)
+			nk_nsm_reply(n, q_at(&s->accepts, i), reason);
+		for (uint32_t i = 0; i < s->sendq.len; i++)
+			nk_nsm_reply(n, &((struct nk_nsm_send *)q_at(&s->sendq, i))->call, reason);
+	}
+	if (s->mask) {
+		epoll_ctl(n->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+		s->mask = 0;
+	}
+	s->closed = true;
+	s->has_connect = false;
+	q_free(&s->accepts);
+	q_free(&s->sendq);
+	nk_nsm_drop_backlog(s);
+	q_free(&s->backlog);
+	nk_nsm_remove(n, s);
+	nk_nsm_unstarve(n, s);
+	for (uint32_t i = 0; i < n->gated.len; i++) {
+		struct nk_nsm_sock **p = q_at(&n->gated, i);
+		if (*p == s)
+			*p = NULL; /* _open_gates drops it */
+	}
+	nk_nsm_close_fd(s->fd);
+	s->fd = -1;
+	/* epoll may still hold an event naming s in the batch being handled */
+	s->dnext = n->dead;
+	n->dead = s;
+}
+
+static void nk_nsm_reap(struct nk_nsm *n)
+{
+	while (n->dead) {
+		struct nk_nsm_sock *s = n->dead;
+		n->dead = s->dnext;
+		free(s);
+	}
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Tenant areas (TenantArea).
+ */
+static uint64_t nk_nsm_cap(const struct nk_nsm *n, const struct nk_nsm_tenant *t)
+{
+	if (n->rx_cap)
+		return n->rx_cap;
+	uint64_t half = t->grant_size / 2;
+	return half > t->buf_size ? half : t->buf_size;
+}
+
+/* A call's buffer in the send half (NQE-6, NQE-14, NSM-13): 0 and *p (NULL for size 0),
+ * or -EFAULT without touching it. */
+static int nk_nsm_address(const struct nk_nsm_tenant *t, uint64_t off, uint32_t size, char **p)
+{
+	if (size == 0) {
+		*p = NULL;
+		return 0;
+	}
+	if (!nk_nsm_within(0, t->send_size, off, size))
+		return -EFAULT;
+	*p = t->data + off;
+	return 0;
+}
+
+static void nk_nsm_tenant_free(struct nk_nsm_tenant *t)
+{
+	munmap(t->map, t->map_len);
+	alloc_free_all(&t->pool);
+	q_free(&t->starved);
+	free(t);
+}
+
+/* DEV-2, DEV-12..DEV-14: the reference's read_header; 0 or -EINVAL. */
+static int nk_nsm_check_header(const void *map, uint64_t len, struct nk_geometry *g)
+{
+	struct nk_dev_header h;
+	if (len < sizeof(h))
+		return -EINVAL;
+	memcpy(&h, map, sizeof(h));
+	if (memcmp(h.magic, NK_DEV_MAGIC, 8) || h.version != NK_DEV_VERSION)
+		return -EINVAL;
+	uint32_t e = h.ring_entries, b = h.buf_size;
+	if (h.n_qsets < 1 || h.n_qsets > NK_MAX_QSETS || e < NK_MIN_RING_ENTRIES ||
+	    e > NK_MAX_RING_ENTRIES || (e & (e - 1)) || b < 64 || (b & (b - 1)) ||
+	    h.data_size % b || h.send_size % b || !(0 < h.send_size && h.send_size < h.data_size) ||
+	    (h.kind != NK_KIND_TENANT && h.kind != NK_KIND_NSM))
+		return -EINVAL;
+	*g = (struct nk_geometry){ h.n_qsets, e, h.data_size, h.send_size, b, h.kind };
+	if (h.header_size != NK_DEV_HEADER_SIZE || h.qset_offset != nk_geo_qset_offset(g) ||
+	    h.qset_stride != nk_geo_qset_stride(g) || h.data_offset != nk_geo_data_offset(g) ||
+	    h.total_size != nk_geo_total_size(g) || nk_geo_total_size(g) > len)
+		return -EINVAL;
+	return 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The stack (KernelNSM): forward declarations of the readiness side.
+ */
+static void nk_nsm_serve_accepts(struct nk_nsm *n, struct nk_nsm_sock *s);
+static void nk_nsm_tenant_unmapped(struct nk_nsm *n, uint8_t vm);
+
+/* ---------------------------------------------------------------------------------------
+ * Control ops (ServiceLib._tenant_map, _tenant_unmap, _buf_return).
+ */
+static void nk_nsm_tenant_map(struct nk_nsm *n, const struct nk_nsm_call *call)
+{
+	const struct nk_nqe *q = &call->nqe;
+	uint64_t vm = q->op_data;
+	if (vm < 256 && n->tenants[vm]) {
+		struct nk_nsm_tenant *old = n->tenants[vm];
+		bool same = old->grant_off == q->data_ptr && old->grant_size == q->size;
+		nk_nsm_reply(n, call, same ? 0 : -EEXIST); /* NSM-11 */
+		return;
+	}
+	if (vm == 0 || vm > 0xFF) {
+		nk_nsm_reply(n, call, -EINVAL);
+		return;
+	}
+	char path[PATH_MAX + 32];
+	snprintf(path, sizeof(path), "%s/vm-%u.nk", n->runtime, (unsigned)vm); /* RT-1 */
+	int fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0) {
+		nk_nsm_reply(n, call, -errno); /* NSM-11: the errno of the open */
+		return;
+	}
+	struct stat st;
+	if (fstat(fd, &st) < 0) {
+		int err = errno;
+		close(fd);
+		nk_nsm_reply(n, call, -err);
+		return;
+	}
+	if ((uint64_t)st.st_size < NK_DEV_HEADER_SIZE) {
+		close(fd);
+		nk_nsm_reply(n, call, -EINVAL); /* DeviceError */
+		return;
+	}
+	void *map = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	int err = map == MAP_FAILED ? -errno : 0;
+	close(fd); /* the mapping keeps the pages */
+	if (err) {
+		nk_nsm_reply(n, call, err);
+		return;
+	}
+	struct nk_geometry g;
+	err = nk_nsm_check_header(map, (uint64_t)st.st_size, &g);
+	if (!err && g.kind != NK_KIND_TENANT)
+		err = -EINVAL;
+	/* BUF-8: the slice lies in the receive half (EFAULT), on granules (EINVAL) */
+	if (!err && (q->size == 0 || !nk_nsm_within(g.send_size, g.data_size - g.send_size,
+						     q->data_ptr, q->size)))
+		err = -EFAULT;
+	if (!err && (q->data_ptr % g.buf_size || q->size % g.buf_size))
+		err = -EINVAL;
+	struct nk_nsm_tenant *t = err ? NULL : calloc(1, sizeof(*t));
+	if (!err && !t)
+		err = -ENOMEM;
+	if (!err && (err = alloc_init(&t->pool, q->data_ptr, q->size, g.buf_size)) != 0) {
+		free(t);
+		t = NULL;
+	}
+	if (err) {
+		munmap(map, (size_t)st.st_size);
+		nk_nsm_reply(n, call, err);
+		return;
+	}
+	t->vm_id = (uint8_t)vm;
+	t->map = map;
+	t->map_len = (size_t)st.st_size;
+	t->data = (char *)map + nk_geo_data_offset(&g);
+	t->data_size = g.data_size;
+	t->send_size = g.send_size;
+	t->buf_size = g.buf_size;
+	t->grant_off = q->data_ptr;
+	t->grant_size = q->size;
+	q_init(&t->starved, sizeof(struct nk_nsm_sock *));
+	n->tenants[vm] = t;
+	n->c.tenants++;
+	nk_nsm_reply(n, call, 0);
+}
+
+/* Close every socket of vm, drop its queued outputs, unmap its area (NSM-12). */
+static void nk_nsm_forget_tenant(struct nk_nsm *n, uint8_t vm)
+{
+	nk_nsm_tenant_unmapped(n, vm);
+	for (uint32_t i = 0; i < n->n_qsets * 2; i++) {
+		struct nk_nsm_q *box = &n->out[i].box;
+		uint32_t len = box->len;
+		for (uint32_t k = 0; k < len; k++) {
+			struct nk_nqe e = *(struct nk_nqe *)q_at(box, 0);
+			q_pop(box, 1);
+			if (e.vm_id != vm)
+				q_push(box, &e);
+		}
+	}
+	uint32_t len = n->held.len;
+	for (uint32_t k = 0; k < len; k++) {
+		struct nk_nsm_held h = *(struct nk_nsm_held *)q_at(&n->held, 0);
+		q_pop(&n->held, 1);
+		if (h.call.nqe.vm_id != vm)
+			q_push(&n->held, &h);
+	}
+	if (n->tenants[vm]) {
+		nk_nsm_tenant_free(n->tenants[vm]);
+		n->tenants[vm] = NULL;
+		n->c.tenants--;
+	}
+}
+
+static void nk_nsm_tenant_unmap(struct nk_nsm *n, const struct nk_nsm_call *call)
+{
+	uint64_t vm = call->nqe.op_data;
+	if (vm < 256)
+		nk_nsm_forget_tenant(n, (uint8_t)vm);
+	nk_nsm_reply(n, call, 0);
+}
+
+/* BUF_RETURN: the owners hold less; starved sockets of the tenant may read again (BUF-7). */
+static void nk_nsm_buf_return(struct nk_nsm *n, const struct nk_nsm_call *call)
+{
+	const struct nk_nqe *q = &call->nqe;
+	struct nk_nsm_tenant *t = n->tenants[q->vm_id];
+	if (!t) {
+		nk_nsm_reply(n, call, -EFAULT);
+		return;
+	}
+	struct nk_nsm_alloc *a = &t->pool;
+	/* BUF-5, BUF-6: EFAULT outside the slice, EINVAL unless exactly a lent buffer */
+	if (q->size == 0 || !nk_nsm_within(a->base, a->size, q->data_ptr, q->size)) {
+		nk_nsm_reply(n, call, -EFAULT);
+		return;
+	}
+	uint64_t rel = q->data_ptr - a->base;
+	struct nk_nsm_lent *l = rel % a->granule ? NULL : &a->lent[rel / a->granule];
+	if (!l || l->size == 0 || l->named != q->size) {
+		nk_nsm_reply(n, call, -EINVAL);
+		return;
+	}
+	uint32_t size = l->size;
+	struct nk_nsm_sock *owner = nk_nsm_find(n, q->vm_id, l->owner);
+	if (owner && owner->serial != l->serial)
+		owner = NULL;
+	alloc_put(a, (uint32_t)(rel / a->granule));
+	n->c.buf_return++;
+	if (owner)
+		owner->rx_bytes -= size;
+	uint64_t cap = nk_nsm_cap(n, t);
+	for (uint32_t i = 0; i < t->starved.len;) {
+		struct nk_nsm_sock *s = *(struct nk_nsm_sock **)q_at(&t->starved, i);
+		if (s->rx_bytes < cap) {
+			nk_nsm_unstarve(n, s);
+			s->paused = false;
+			nk_nsm_update(n, s);
+			i = 0; /* unstarve moved an element into a slot we may have passed */
+			continue;
+		}
+		i++;
+	}
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Socket calls (KernelNSM._socket ... _getpeername).
+ */
+static int nk_nsm_socket_policy(int domain, int type, int proto)
+{
+	int base = type & 0xF, flags = type & ~0xF;
+	if (flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC) & 0xFFFF)
+		return EINVAL;
+	if (domain != AF_INET && domain != AF_INET6)
+		return EAFNOSUPPORT;
+	if (base == SOCK_RAW)
+		return proto == 0 ? EPROTONOSUPPORT : EPERM; /* as for a non-root caller */
+	if (base != SOCK_STREAM && base != SOCK_DGRAM)
+		return ESOCKTNOSUPPORT;
+	if (proto != 0 && proto != (base == SOCK_STREAM ? IPPROTO_TCP : IPPROTO_UDP))
+		return EPROTONOSUPPORT;
+	return 0;
+}
+
+static int nk_nsm_new_id_error(const struct nk_nsm *n, uint8_t vm, uint32_t sock_id)
+{
+	if (sock_id == 0)
+		return EINVAL; /* NQE-7: a socket is never given ID 0 */
+	return nk_nsm_find(n, vm, sock_id) ? EEXIST : 0;
+}
+
+/* NSM-5: SOCKET, op_data = domain | type << 16 | protocol << 32. */
+static void nk_nsm_socket(struct nk_nsm *n, const struct nk_nsm_call *call)
+{
+	const struct nk_nqe *q = &call->nqe;
+	int domain = (int)(q->op_data & 0xFFFF), type = (int)((q->op_data >> 16) & 0xFFFF);
+	int proto = (int)((q->op_data >> 32) & 0xFFFF);
+	int err = nk_nsm_new_id_error(n, q->vm_id, q->sock_id);
+	if (!err)
+		err = nk_nsm_socket_policy(domain, type, proto);
+	if (err) {
+		nk_nsm_reply(n, call, -err);
+		return;
+	}
+	int base = type & 0xF;
+	int fd = socket(domain, base | SOCK_NONBLOCK | SOCK_CLOEXEC, proto);
+	if (fd < 0) {
+		nk_nsm_reply(n, call, -errno);
+		return;
+	}
+	struct nk_nsm_sock *s = nk_nsm_sock_new(n, call, q->sock_id, fd, domain, base == SOCK_STREAM);
+	s->reading = !s->stream;
+	nk_nsm_update(n, s);
+	nk_nsm_reply(n, call, 0);
+}
+
+/* Read s once the CoreEngine has consumed the reply `t` (NSM-17). */
+static void nk_nsm_start_reading(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_ticket t)
+{
+	s->reading = true;
+	s->gated = true;
+	s->gate = t;
+	q_push(&n->gated, &s);
+}
+
+static void nk_nsm_open_gates(struct nk_nsm *n)
+{
+	uint32_t len = n->gated.len;
+	for (uint32_t k = 0; k < len; k++) {
+		struct nk_nsm_sock *s = *(struct nk_nsm_sock **)q_at(&n->gated, 0);
+		q_pop(&n->gated, 1);
+		if (!s || s->closed || !s->gated)
+			continue;
+		if (nk_nsm_consumed(n, s->gate)) {
+			s->gated = false;
+			nk_nsm_update(n, s);
+		} else {
+			q_push(&n->gated, &s);
+		}
+	}
+}
+
+/* A new connection named by the ACCEPT's op_data; it reads once the reply is read. */
+static void nk_nsm_connection(struct nk_nsm *n, struct nk_nsm_sock *listener,
+			      const struct nk_nsm_call *call, int fd, int64_t addr_len)
+{
+	struct nk_nsm_sock *s = nk_nsm_sock_new(n, call, (uint32_t)call->nqe.op_data, fd,
+						listener->family, true);
+	nk_nsm_start_reading(n, s, nk_nsm_reply(n, call, addr_len));
+}
+
+static void nk_nsm_wait_accept(struct nk_nsm *n, const struct nk_nsm_call *call,
+			       struct nk_nsm_sock *s, bool nowait)
+{
+	if (nowait) {
+		nk_nsm_reply(n, call, -EAGAIN);
+	} else {
+		q_push(&s->accepts, call);
+		nk_nsm_update(n, s);
+	}
+}
+
+/* accept4 with the new socket non-blocking: fd or -errno; *alen the full address length. */
+static int nk_nsm_accept4(int fd, void *addr, uint32_t len, int64_t *alen)
+{
+	socklen_t l = len;
+	int rc = accept4(fd, addr, addr ? &l : NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	*alen = l;
+	return rc < 0 ? -errno : rc;
+}
+
+/* NSM-7: ACCEPT takes a connection now, or waits for one (unless op_data bit 32). */
+static void nk_nsm_accept(struct nk_nsm *n, const struct nk_nsm_call *call,
+			  struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	const struct nk_nqe *q = &call->nqe;
+	int err = nk_nsm_new_id_error(n, q->vm_id, (uint32_t)q->op_data);
+	char *addr = NULL;
+	if (nk_nsm_address(t, q->data_ptr, q->size, &addr) < 0 && !err)
+		err = EFAULT;
+	if (err) {
+		nk_nsm_reply(n, call, -err);
+		return;
+	}
+	bool nowait = q->op_data & NK_NSM_ACCEPT_NOWAIT;
+	s->accept_stalled = false;
+	if (s->accepts.len) { /* earlier ACCEPTs wait: none is pending, and order is kept */
+		nk_nsm_wait_accept(n, call, s, nowait);
+		return;
+	}
+	if (s->backlog.len) {
+		struct nk_nsm_pending_conn c = *(struct nk_nsm_pending_conn *)q_at(&s->backlog, 0);
+		q_pop(&s->backlog, 1);
+		if (addr)
+			memcpy(addr, c.addr, c.len < q->size ? c.len : q->size);
+		nk_nsm_connection(n, s, call, c.fd, addr ? c.len : 0); /* NSM-7: no buffer, 0 */
+		nk_nsm_update(n, s);
+		return;
+	}
+	int64_t alen;
+	int fd = nk_nsm_accept4(s->fd, addr, q->size, &alen);
+	if (fd >= 0)
+		nk_nsm_connection(n, s, call, fd, alen);
+	else if (fd == -EAGAIN)
+		nk_nsm_wait_accept(n, call, s, nowait);
+	else
+		nk_nsm_reply(n, call, fd);
+}
+
+static void nk_nsm_bind(struct nk_nsm *n, const struct nk_nsm_call *call,
+			struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	char *addr;
+	if (nk_nsm_address(t, call->nqe.data_ptr, call->nqe.size, &addr) < 0) {
+		nk_nsm_reply(n, call, -EFAULT);
+		return;
+	}
+	nk_nsm_reply(n, call, nk_nsm_rc(bind(s->fd, (struct sockaddr *)addr, call->nqe.size)));
+}
+
+static void nk_nsm_listen(struct nk_nsm *n, const struct nk_nsm_call *call,
+			  struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	(void)t;
+	int32_t backlog = (int32_t)(uint32_t)(call->nqe.op_data & 0xFFFFFFFFu); /* signed 32-bit */
+	int64_t rc = nk_nsm_rc(listen(s->fd, backlog));
+	if (rc == 0) {
+		s->listening = true;
+		s->backlog_cap = backlog < 1 ? 1 : backlog > NK_NSM_MAX_BACKLOG ? NK_NSM_MAX_BACKLOG
+										    : backlog;
+		nk_nsm_update(n, s);
+	}
+	nk_nsm_reply(n, call, rc);
+}
+
+/* NSM-4, NSM-7: a stream CONNECT is answered once the handshake is over. */
+static void nk_nsm_connect(struct nk_nsm *n, const struct nk_nsm_call *call,
+			   struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	char *addr;
+	if (nk_nsm_address(t, call->nqe.data_ptr, call->nqe.size, &addr) < 0) {
+		nk_nsm_reply(n, call, -EFAULT);
+		return;
+	}
+	int64_t rc = nk_nsm_rc(connect(s->fd, (struct sockaddr *)addr, call->nqe.size));
+	if (rc == -EINPROGRESS && s->stream) {
+		s->connect = *call;
+		s->has_connect = true;
+		nk_nsm_update(n, s);
+	} else if (rc == 0 && s->stream) {
+		nk_nsm_start_reading(n, s, nk_nsm_reply(n, call, 0));
+	} else {
+		nk_nsm_reply(n, call, rc);
+	}
+}
+
+/* Hand the kernel what it takes of p; true once p is answered (NSM-6). */
+static bool nk_nsm_try_send(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_send *p)
+{
+	bool nowait = p->flags & MSG_DONTWAIT;
+	for (;;) {
+		ssize_t r = sendto(s->fd, p->payload ? p->payload + p->done : NULL, p->length - p->done,
+				   p->flags | MSG_NOSIGNAL | MSG_DONTWAIT,
+				   (struct sockaddr *)p->dest, p->dest ? p->dest_len : 0);
+		int64_t rc = nk_nsm_rc(r);
+		if (rc >= 0) {
+			p->done += (uint32_t)rc;
+			if (p->done >= p->length || !s->stream) {
+				nk_nsm_reply(n, &p->call, p->done);
+				return true;
+			}
+		} else if (rc == -EAGAIN) {
+			if (nowait) {
+				nk_nsm_reply(n, &p->call, p->done ? (int64_t)p->done : -EAGAIN);
+				return true;
+			}
+			return false;
+		} else if (rc != -EINTR) {
+			nk_nsm_reply(n, &p->call, p->done ? (int64_t)p->done : rc);
+			return true;
+		}
+	}
+}
+
+/* NSM-6: SEND, op_data = MSG_* flags | destination sockaddr length << 32. */
+static void nk_nsm_send(struct nk_nsm *n, const struct nk_nsm_call *call,
+			struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	const struct nk_nqe *q = &call->nqe;
+	uint32_t dest_len = (uint32_t)((q->op_data >> 32) & 0xFFFF);
+	char *buf;
+	if (nk_nsm_address(t, q->data_ptr, q->size, &buf) < 0) {
+		nk_nsm_reply(n, call, -EFAULT);
+		return;
+	}
+	if (dest_len > q->size) {
+		nk_nsm_reply(n, call, -EINVAL);
+		return;
+	}
+	struct nk_nsm_send p = {
+		.call = *call,
+		.payload = q->size ? buf + dest_len : NULL,
+		.dest = dest_len ? buf : NULL,
+		.length = q->size - dest_len,
+		.dest_len = dest_len,
+		.flags = (int)(q->op_data & NK_NSM_SEND_FLAGS),
+	};
+	if (s->sendq.len) { /* NQE-16: behind the SENDs already waiting */
+		if (p.flags & MSG_DONTWAIT)
+			nk_nsm_reply(n, call, -EAGAIN);
+		else
+			q_push(&s->sendq, &p);
+		return;
+	}
+	if (!nk_nsm_try_send(n, s, &p)) {
+		q_push(&s->sendq, &p);
+		nk_nsm_update(n, s);
+	}
+}
+
+static void nk_nsm_shutdown(struct nk_nsm *n, const struct nk_nsm_call *call,
+			    struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	(void)t;
+	uint64_t how = call->nqe.op_data;
+	if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) {
+		nk_nsm_reply(n, call, -EINVAL);
+		return;
+	}
+	if (s->sendq.len && how != SHUT_RD) { /* NSM-6: the FIN goes after the queued bytes */
+		s->shut_wr_later = true;
+		nk_nsm_reply(n, call, how == SHUT_RDWR ? nk_nsm_rc(shutdown(s->fd, SHUT_RD)) : 0);
+		return;
+	}
+	int64_t rc = nk_nsm_rc(shutdown(s->fd, (int)how));
+	nk_nsm_reply(n, call, rc);
+	if (rc == 0 && s->listening && how != SHUT_WR) {
+		/* Linux stops listening: queued connections are dropped, accept() fails EINVAL */
+		s->listening = false;
+		nk_nsm_drop_backlog(s);
+		nk_nsm_serve_accepts(n, s);
+		nk_nsm_update(n, s);
+	}
+}
+
+/* NSM-8: CLOSE is answered after the socket's last event was read (NSM-17). With
+ * ABORT, SO_LINGER {on, 0} makes close(2) reset the connection, as Linux's close of
+ * a socket with unread data does. */
+static void nk_nsm_close(struct nk_nsm *n, const struct nk_nsm_call *call,
+			 struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	(void)t;
+	if (s->stream && (call->nqe.op_data & NK_CLOSE_ABORT)) {
+		struct linger l = { 1, 0 };
+		setsockopt(s->fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+	}
+	uint8_t qset = s->qset;
+	nk_nsm_destroy(n, s, -EBADF);
+	nk_nsm_reply_after(n, nk_nsm_last_ticket(n, qset, NK_NSM_OUT_SEND), call, 0);
+}
+
+/* NSM-9: (level, optname) a tenant may set or get: plain values, effects on its own
+ * socket only (reference nsm_kernel.SOCKOPTS). */
+static bool nk_nsm_sockopt_allowed(uint32_t level, uint32_t name)
+{
+	static const uint8_t sol_socket[] = { 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 15, 18, 19,
+					      20, 21, 30, 38, 39 };
+	static const uint8_t sol_tcp[] = { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 18, 23, 25 };
+	static const uint8_t sol_ip[] = { 1, 2, 10, 14, 15, 24, 32, 33, 34, 35, 36 };
+	static const uint8_t sol_ipv6[] = { 16, 17, 18, 19, 20, 21, 26, 67 };
+	const uint8_t *set;
+	size_t len;
+	switch (level) {
+	case SOL_SOCKET: set = sol_socket; len = sizeof(sol_socket); break;
+	case SOL_TCP: set = sol_tcp; len = sizeof(sol_tcp); break;
+	case SOL_IP: set = sol_ip; len = sizeof(sol_ip); break;
+	case SOL_IPV6: set = sol_ipv6; len = sizeof(sol_ipv6); break;
+	default: return false;
+	}
+	for (size_t i = 0; i < len; i++)
+		if (set[i] == name)
+			return true;
+	return false;
+}
+
+static void nk_nsm_sockopt(struct nk_nsm *n, const struct nk_nsm_call *call,
+			   struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	const struct nk_nqe *q = &call->nqe;
+	uint32_t level = (uint32_t)q->op_data, name = (uint32_t)(q->op_data >> 32);
+	char *addr;
+	if (nk_nsm_address(t, q->data_ptr, q->size, &addr) < 0) {
+		nk_nsm_reply(n, call, -EFAULT);
+	} else if (!nk_nsm_sockopt_allowed(level, name)) {
+		nk_nsm_reply(n, call, -ENOPROTOOPT);
+	} else if (q->op == NK_OP_SETSOCKOPT) {
+		nk_nsm_reply(n, call, nk_nsm_rc(setsockopt(s->fd, (int)level, (int)name, addr,
+							  q->size)));
+	} else {
+		socklen_t len = q->size;
+		int rc = getsockopt(s->fd, (int)level, (int)name, addr, &len);
+		nk_nsm_reply(n, call, rc < 0 ? -errno : (int64_t)len);
+	}
+}
+
+static void nk_nsm_name(struct nk_nsm *n, const struct nk_nsm_call *call,
+			struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	const struct nk_nqe *q = &call->nqe;
+	char *addr;
+	if (nk_nsm_address(t, q->data_ptr, q->size, &addr) < 0) {
+		nk_nsm_reply(n, call, -EFAULT);
+		return;
+	}
+	socklen_t len = q->size;
+	int rc = q->op == NK_OP_GETPEERNAME ? getpeername(s->fd, (struct sockaddr *)addr, &len)
+					    : getsockname(s->fd, (struct sockaddr *)addr, &len);
+	nk_nsm_reply(n, call, rc < 0 ? -errno : (int64_t)len);
+}
+
+typedef void (*nk_nsm_handler)(struct nk_nsm *, const struct nk_nsm_call *,
+			       struct nk_nsm_tenant *, struct nk_nsm_sock *);
+
+static nk_nsm_handler nk_nsm_handler_of(uint8_t op)
+{
+	switch (op) {
+	case NK_OP_BIND: return nk_nsm_bind;
+	case NK_OP_LISTEN: return nk_nsm_listen;
+	case NK_OP_CONNECT: return nk_nsm_connect;
+	case NK_OP_ACCEPT: return nk_nsm_accept;
+	case NK_OP_SEND: return nk_nsm_send;
+	case NK_OP_SHUTDOWN: return nk_nsm_shutdown;
+	case NK_OP_CLOSE: return nk_nsm_close;
+	case NK_OP_SETSOCKOPT:
+	case NK_OP_GETSOCKOPT: return nk_nsm_sockopt;
+	case NK_OP_GETSOCKNAME:
+	case NK_OP_GETPEERNAME: return nk_nsm_name;
+	default: return NULL;
+	}
+}
+
+/* KernelNSM.call: execute one socket call of a mapped tenant. */
+static void nk_nsm_stack_call(struct nk_nsm *n, const struct nk_nsm_call *call,
+			      struct nk_nsm_tenant *t)
+{
+	if (call->nqe.op == NK_OP_SOCKET) {
+		nk_nsm_socket(n, call);
+		return;
+	}
+	struct nk_nsm_sock *s = nk_nsm_find(n, call->nqe.vm_id, call->nqe.sock_id);
+	if (!s) {
+		nk_nsm_reply(n, call, -EBADF); /* NSM-8, NSM-14 */
+		return;
+	}
+	nk_nsm_handler_of(call->nqe.op)(n, call, t, s);
+}
+
+static void nk_nsm_tenant_unmapped(struct nk_nsm *n, uint8_t vm)
+{
+	for (uint32_t b = 0; b < n->nbuckets; b++) {
+		struct nk_nsm_sock *s = n->buckets[b];
+		while (s) {
+			struct nk_nsm_sock *next = s->hnext;
+			if (s->vm_id == vm)
+				nk_nsm_destroy(n, s, 0);
+			s = next;
+		}
+	}
+	if (n->tenants[vm])
+		n->tenants[vm]->starved.len = 0;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Readiness (KernelNSM._writable, _readable, ...).
+ */
+static void nk_nsm_writable(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	if (s->has_connect) {
+		struct nk_nsm_call call = s->connect;
+		s->has_connect = false;
+		int64_t err = nk_nsm_pending_error(s->fd); /* NSM-4: as SO_ERROR reads it */
+		if (err)
+			nk_nsm_reply(n, &call, err);
+		else
+			nk_nsm_start_reading(n, s, nk_nsm_reply(n, &call, 0));
+	}
+	while (s->sendq.len && nk_nsm_try_send(n, s, q_at(&s->sendq, 0)))
+		q_pop(&s->sendq, 1);
+	if (!s->sendq.len && s->shut_wr_later) {
+		s->shut_wr_later = false;
+		shutdown(s->fd, SHUT_WR);
+	}
+	nk_nsm_update(n, s);
+}
+
+/* BUF-7: no buffer (or the cap): stop reading until a BUF_RETURN. */
+static bool nk_nsm_pause(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	s->paused = true;
+	struct nk_nsm_tenant *t = n->tenants[s->vm_id];
+	if (!s->starved && t) {
+		q_push(&t->starved, &s);
+		s->starved = true;
+	}
+	return false;
+}
+
+/* A stream's end: EOF is EV_FIN, an error EV_ERROR(-errno); reading stops (NSM-15). */
+static bool nk_nsm_end(struct nk_nsm *n, struct nk_nsm_sock *s, int64_t result)
+{
+	s->reading = false;
+	if (result == 0)
+		nk_nsm_event(n, s, NK_OP_EV_FIN, 0, 0, 0);
+	else
+		nk_nsm_event(n, s, NK_OP_EV_ERROR, result, 0, 0);
+	return false;
+}
+
+static void nk_nsm_data(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_tenant *t,
+			uint64_t off, uint32_t lent, uint32_t size, uint32_t prefix)
+{
+	t->pool.lent[(off - t->pool.base) / t->pool.granule].named = size; /* BUF-4 */
+	s->rx_bytes += lent;
+	nk_nsm_event(n, s, NK_OP_EV_DATA, prefix, off, size);
+}
+
+static void nk_nsm_unsend(struct nk_nsm_tenant *t, uint64_t off)
+{
+	alloc_put(&t->pool, (uint32_t)((off - t->pool.base) / t->pool.granule));
+}
+
+static uint64_t nk_nsm_min(uint64_t a, uint64_t b)
+{
+	return a < b ? a : b;
+}
+
+/* One recv into a fresh receive buffer; true if more may be waiting. */
+static bool nk_nsm_read_stream(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_tenant *t)
+{
+	uint64_t cap = nk_nsm_cap(n, t);
+	if (s->rx_bytes >= cap)
+		return nk_nsm_pause(n, s);
+	uint64_t room = cap - s->rx_bytes;
+	int avail = 0;
+	if (ioctl(s->fd, FIONREAD, &avail) < 0)
+		avail = -errno;
+	if (avail <= 0) {
+		char one;
+		int64_t state = nk_nsm_rc(recv(s->fd, &one, 1, MSG_PEEK | MSG_DONTWAIT));
+		if (state == -EAGAIN)
+			return false;
+		if (state <= 0)
+			return nk_nsm_end(n, s, state);
+		avail = (int)state;
+	}
+	uint64_t want = nk_nsm_min(nk_nsm_min((uint64_t)avail, n->rx_chunk),
+				   nk_nsm_min(room, alloc_largest_free(&t->pool)));
+	uint64_t off = want ? alloc_get(&t->pool, (uint32_t)want, s->sock_id, s->serial)
+			    : UINT64_MAX;
+	if (off == UINT64_MAX)
+		return nk_nsm_pause(n, s);
+	int64_t got = nk_nsm_rc(recv(s->fd, t->data + off, want, MSG_DONTWAIT));
+	if (got <= 0) {
+		nk_nsm_unsend(t, off);
+		return got == -EAGAIN ? false : nk_nsm_end(n, s, got);
+	}
+	nk_nsm_data(n, s, t, off, (uint32_t)want, (uint32_t)got, 0);
+	return (uint64_t)got == want;
+}
+
+/* One datagram, behind its source sockaddr, into a fresh receive buffer (NQE-15). */
+static bool nk_nsm_read_datagram(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_tenant *t)
+{
+	if (s->rx_bytes >= nk_nsm_cap(n, t))
+		return nk_nsm_pause(n, s);
+	int64_t size = nk_nsm_rc(recv(s->fd, NULL, 0, MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT));
+	if (size == -EAGAIN)
+		return false;
+	if (size < 0) { /* an ICMP error (ECONNREFUSED...): the socket stays usable */
+		nk_nsm_event(n, s, NK_OP_EV_ERROR, size, 0, 0);
+		return true;
+	}
+	uint32_t prefix = s->family == AF_INET ? 16 : 28;
+	uint64_t want = nk_nsm_min(prefix + (uint64_t)size, t->grant_size); /* larger: truncated */
+	uint64_t off = alloc_get(&t->pool, (uint32_t)want, s->sock_id, s->serial);
+	if (off == UINT64_MAX)
+		return nk_nsm_pause(n, s);
+	char *addr = t->data + off;
+	socklen_t alen = prefix;
+	int64_t got = nk_nsm_rc(recvfrom(s->fd, addr + prefix, want - prefix, MSG_DONTWAIT,
+					 (struct sockaddr *)addr, &alen));
+	if (got < 0) {
+		nk_nsm_unsend(t, off);
+		if (got != -EAGAIN)
+			nk_nsm_event(n, s, NK_OP_EV_ERROR, got, 0, 0);
+		return got != -EAGAIN;
+	}
+	nk_nsm_data(n, s, t, off, (uint32_t)want, prefix + (uint32_t)got, prefix);
+	return true;
+}
+
+static bool nk_nsm_transient_accept(int rc)
+{
+	return rc == -ECONNABORTED || rc == -EPROTO || rc == -EINTR;
+}
+
+/* Hand pending connections to waiting ACCEPTs, else keep them and say EV_ACCEPTABLE. */
+static void nk_nsm_serve_accepts(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	bool grew = false;
+	for (;;) {
+		if (s->accepts.len) {
+			struct nk_nsm_call call = *(struct nk_nsm_call *)q_at(&s->accepts, 0);
+			struct nk_nsm_tenant *t = n->tenants[call.nqe.vm_id];
+			char *addr = NULL;
+			if (t && nk_nsm_address(t, call.nqe.data_ptr, call.nqe.size, &addr) < 0)
+				addr = NULL;
+			int64_t alen;
+			int fd = nk_nsm_accept4(s->fd, addr, addr ? call.nqe.size : 0, &alen);
+			if (fd >= 0) {
+				q_pop(&s->accepts, 1);
+				nk_nsm_connection(n, s, &call, fd, alen);
+				continue;
+			}
+			if (fd == -EAGAIN)
+				break;
+			if (!nk_nsm_transient_accept(fd)) {
+				q_pop(&s->accepts, 1);
+				nk_nsm_reply(n, &call, fd);
+			}
+			continue;
+		}
+		if (!s->listening || (int)s->backlog.len >= s->backlog_cap)
+			break;
+		int64_t alen;
+		int fd = nk_nsm_accept4(s->fd, n->scratch, sizeof(n->scratch), &alen);
+		if (fd >= 0) {
+			struct nk_nsm_pending_conn c = { .fd = fd };
+			c.len = (uint32_t)nk_nsm_min((uint64_t)alen, sizeof(c.addr));
+			memcpy(c.addr, n->scratch, c.len);
+			q_push(&s->backlog, &c);
+			grew = true;
+		} else if (fd == -EAGAIN) {
+			break;
+		} else if (!nk_nsm_transient_accept(fd)) {
+			s->accept_stalled = true; /* the next ACCEPT call retries and gets the errno */
+			break;
+		}
+	}
+	if (grew)
+		nk_nsm_event(n, s, NK_OP_EV_ACCEPTABLE, s->backlog.len, 0, 0);
+	nk_nsm_update(n, s);
+}
+
+static void nk_nsm_readable(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	if (s->listening || s->accepts.len) {
+		nk_nsm_serve_accepts(n, s);
+		return;
+	}
+	struct nk_nsm_tenant *t = n->tenants[s->vm_id];
+	if (!t || !s->reading || s->paused || s->gated)
+		return;
+	for (int i = 0; i < NK_NSM_READS_PER_EVENT; i++)
+		if (!(s->stream ? nk_nsm_read_stream(n, s, t) : nk_nsm_read_datagram(n, s, t)))
+			break;
+	nk_nsm_update(n, s);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Calls in (ServiceLib.poll / _dispatch / _malformed).
+ */
+static bool nk_nsm_is_event(uint8_t op)
+{
+	return op >= NK_OP_EV_DATA && op <= NK_OP_EV_ACCEPTABLE;
+}
+
+/* NSM-10: a malformed request is answered, a malformed reply or event dropped. */
+static void nk_nsm_malformed(struct nk_nsm *n, const struct nk_nsm_call *call, int err)
+{
+	n->c.malformed++;
+	if ((call->nqe.op & NK_REPLY_BIT) || nk_nsm_is_event(call->nqe.op))
+		return;
+	nk_nsm_reply(n, call, err);
+}
+
+static void nk_nsm_dispatch(struct nk_nsm *n, const struct nk_nsm_call *call)
+{
+	const struct nk_nqe *q = &call->nqe;
+	n->c.nqe_in++;
+	int err = nk_nqe_check(q, NULL); /* NQE-10, NQE-11 */
+	if (err) {
+		nk_nsm_malformed(n, call, err);
+		return;
+	}
+	if ((q->op & NK_REPLY_BIT) || nk_nsm_is_event(q->op)) {
+		n->c.dropped++; /* NQE-12, SEC-7: replies and events are never answered */
+		return;
+	}
+	switch (q->op) {
+	case NK_OP_TENANT_MAP: nk_nsm_tenant_map(n, call); return;
+	case NK_OP_TENANT_UNMAP: nk_nsm_tenant_unmap(n, call); return;
+	case NK_OP_BUF_RETURN: nk_nsm_buf_return(n, call); return;
+	default: break;
+	}
+	if (q->op >= NK_OP_SOCKET && q->op <= NK_OP_GETPEERNAME) {
+		struct nk_nsm_tenant *t = n->tenants[q->vm_id];
+		if (!t)
+			nk_nsm_reply(n, call, -EFAULT); /* NSM-11: no area, no buffer inside it */
+		else
+			nk_nsm_stack_call(n, call, t);
+		return;
+	}
+	nk_nsm_reply(n, call, -EINVAL); /* NSM-10: ATTACH, DETACH are not an NSM's to answer */
+}
+
+static uint32_t nk_nsm_poll(struct nk_nsm *n)
+{
+	struct nk_nqe batch[NK_NSM_BATCH];
+	uint32_t done = 0;
+	for (uint32_t i = 0; i < n->n_qsets * 2; i++) {
+		int64_t k = nk_ring_pop(&n->in[i], batch, NK_NSM_BATCH);
+		if (k < 0) {
+			n->fatal = (int)k; /* RING-10: read no slot of it, stop serving */
+			return done;
+		}
+		for (int64_t j = 0; j < k; j++) {
+			struct nk_nsm_call call = { batch[j], (uint8_t)(i / 2),
+						    i % 2 ? NK_RING_RECEIVE : NK_RING_COMPLETION };
+			nk_nsm_dispatch(n, &call);
+		}
+		if (k > 0)
+			done += (uint32_t)k;
+	}
+	return done;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * The bell thread, and the loop.
+ */
+static void *nk_nsm_watch(void *arg)
+{
+	struct nk_nsm *n = arg;
+	uint32_t *seen = n->bells_seen, now[NK_BELL_WAITV_MAX];
+	uint32_t nb = n->n_qsets < NK_BELL_WAITV_MAX ? n->n_qsets : NK_BELL_WAITV_MAX;
+	while (!atomic_load_explicit(&n->quit, memory_order_acquire)) {
+		bool changed = false;
+		for (uint32_t q = 0; q < nb; q++) {
+			now[q] = nk_bell_value(n->device_bells[q]);
+			changed |= now[q] != seen[q];
+		}
+		if (changed) {
+			memcpy(seen, now, sizeof(uint32_t) * nb);
+			atomic_fetch_add_explicit(&n->bell_wakeups, 1, memory_order_relaxed);
+			uint64_t one = 1;
+			if (write(n->wake_fd, &one, sizeof(one)) < 0) {
+				/* EAGAIN: the counter is saturated, the loop is awake anyway */
+			}
+		}
+		/* DEV-9: sleep while every bell still holds the value we compared */
+		int rc;
+		if (nb == 1) {
+			rc = nk_bell_wait(n->device_bells[0], now[0], NK_NSM_BELL_SLEEP_NS);
+		} else {
+			struct timespec dl;
+			clock_gettime(CLOCK_MONOTONIC, &dl);
+			dl.tv_nsec += NK_NSM_BELL_SLEEP_NS;
+			dl.tv_sec += dl.tv_nsec / 1000000000;
+			dl.tv_nsec %= 1000000000;
+			rc = nk_bell_wait_any(n->device_bells, now, nb, &dl);
+			if (rc == -ENOSYS) /* no futex_waitv: poll the bells */
+				nk_bell_wait(n->device_bells[0], now[0], 1000000);
+		}
+	}
+	return NULL;
+}
+
+static int64_t nk_nsm_now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* RING-6: NEED_WAKEUP on every incoming ring; false if one has work (no sleep then). */
+static bool nk_nsm_prepare_sleep(struct nk_nsm *n)
+{
+	bool ok = true;
+	for (uint32_t i = 0; i < n->n_qsets * 2; i++) {
+		int rc = nk_ring_prepare_sleep(&n->in[i]);
+		if (rc < 0)
+			n->fatal = rc;
+		if (rc != 1)
+			ok = false;
+	}
+	return ok;
+}
+
+static void nk_nsm_finish_sleep(struct nk_nsm *n)
+{
+	for (uint32_t i = 0; i < n->n_qsets * 2; i++)
+		nk_ring_finish_sleep(&n->in[i]); /* RING-11 */
+}
+
+static bool nk_nsm_control_lost(struct nk_nsm *n)
+{
+	char buf[4096];
+	for (;;) {
+		ssize_t r = recv(n->control_fd, buf, sizeof(buf), MSG_DONTWAIT);
+		if (r == 0)
+			return true;
+		if (r < 0)
+			return !(errno == EAGAIN || errno == EINTR);
+	}
+}
+
+static void nk_nsm_ready(struct nk_nsm *n, const struct epoll_event *ev)
+{
+	void *what = ev->data.ptr;
+	if (what == &nk_nsm_tag_wake) {
+		uint64_t v;
+		if (read(n->wake_fd, &v, sizeof(v)) < 0) {
+			/* EAGAIN: already drained */
+		}
+	} else if (what == &nk_nsm_tag_control) {
+		if (nk_nsm_control_lost(n)) {
+			n->lost = true; /* NSM-2: never serve a CoreEngine that is gone */
+			atomic_store(&n->stop, true);
+		}
+	} else if (what == &nk_nsm_tag_stop) {
+		atomic_store(&n->stop, true);
+	} else {
+		struct nk_nsm_sock *s = what;
+		uint32_t interest = s->mask;
+		/* as Python's selectors reads epoll: ERR/HUP wake both directions */
+		bool w = (ev->events & ~(uint32_t)EPOLLIN) && (interest & EPOLLOUT);
+		bool r = (ev->events & ~(uint32_t)EPOLLOUT) && (interest & EPOLLIN);
+		if (s->closed)
+			return;
+		if (w)
+			nk_nsm_writable(n, s);
+		if (r && !s->closed)
+			nk_nsm_readable(n, s);
+	}
+}
+
+static int nk_nsm_add_fd(struct nk_nsm *n, int fd, void *tag)
+{
+	struct epoll_event ev = { .events = EPOLLIN, .data.ptr = tag };
+	return epoll_ctl(n->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
+
+int nk_nsm_run(struct nk_nsm *n)
+{
+	if (!n->watching) {
+		/* DEV-9: the bells' values before the loop's first re-check of the rings, read
+		 * here and not in the new thread, which may run later than a ring */
+		for (uint32_t q = 0; q < n->n_qsets && q < NK_BELL_WAITV_MAX; q++)
+			n->bells_seen[q] = nk_bell_value(n->device_bells[q]);
+		atomic_store(&n->quit, false);
+		int rc = pthread_create(&n->watcher, NULL, nk_nsm_watch, n);
+		if (rc)
+			return -rc;
+		n->watching = true;
+	}
+	struct epoll_event evs[64];
+	int64_t idle_since = -1;
+	while (!atomic_load_explicit(&n->stop, memory_order_acquire) && !n->fatal) {
+		bool sleeping = false;
+		int timeout = 0;
+		if (idle_since >= 0 && nk_nsm_now_ns() - idle_since >= NK_NSM_SPIN_NS) {
+			sleeping = nk_nsm_prepare_sleep(n);
+			timeout = nk_nsm_pending_outputs(n) ? NK_NSM_BUSY_SLEEP_MS : NK_NSM_MAX_SLEEP_MS;
+		}
+		bool worked = nk_nsm_poll(n) > 0;
+		nk_nsm_open_gates(n);
+		if (!sleeping || worked)
+			timeout = 0;
+		else if (n->gated.len && timeout > NK_NSM_BUSY_SLEEP_MS)
+			timeout = NK_NSM_BUSY_SLEEP_MS;
+		nk_nsm_flush(n);
+		int k = epoll_wait(n->epfd, evs, 64, timeout);
+		if (sleeping)
+			nk_nsm_finish_sleep(n);
+		for (int i = 0; i < k; i++)
+			nk_nsm_ready(n, &evs[i]);
+		nk_nsm_flush(n);
+		nk_nsm_reap(n);
+		if (worked || k > 0)
+			idle_since = -1;
+		else if (idle_since < 0)
+			idle_since = nk_nsm_now_ns();
+	}
+	atomic_store_explicit(&n->quit, true, memory_order_release);
+	pthread_join(n->watcher, NULL);
+	n->watching = false;
+	if (n->fatal)
+		return n->fatal;
+	return n->lost ? NK_NSM_LOST : NK_NSM_STOPPED;
+}
+
+void nk_nsm_stop(struct nk_nsm *n)
+{
+	atomic_store_explicit(&n->stop, true, memory_order_release);
+	uint64_t one = 1;
+	if (write(n->wake_fd, &one, sizeof(one)) < 0) {
+		/* saturated: the loop wakes anyway */
+	}
+}
+
+void nk_nsm_set_rx(struct nk_nsm *n, uint32_t rx_chunk, uint64_t rx_cap)
+{
+	n->rx_chunk = rx_chunk ? rx_chunk : NK_NSM_RX_CHUNK;
+	n->rx_cap = rx_cap;
+}
+
+void nk_nsm_get_counters(const struct nk_nsm *n, struct nk_nsm_counters *out)
+{
+	*out = n->c;
+	out->bell_wakeups = atomic_load_explicit(&n->bell_wakeups, memory_order_relaxed);
+	out->sockets = n->nsocks;
+}
+
+struct nk_nsm *nk_nsm_new(void *base, uint64_t len, const char *runtime, int control_fd,
+			  int stop_fd)
+{
+	struct nk_geometry g;
+	if (!base || !runtime || strlen(runtime) >= PATH_MAX ||
+	    nk_nsm_check_header(base, len, &g) < 0 || g.kind != NK_KIND_NSM) {
+		errno = EINVAL;
+		return NULL;
+	}
+	struct nk_nsm *n = calloc(1, sizeof(*n));
+	if (!n)
+		return NULL;
+	n->base = base;
+	n->len = len;
+	n->n_qsets = g.n_qsets;
+	strcpy(n->runtime, runtime);
+	n->control_fd = control_fd;
+	n->stop_fd = stop_fd;
+	n->rx_chunk = NK_NSM_RX_CHUNK;
+	n->nbuckets = 256;
+	n->buckets = calloc(n->nbuckets, sizeof(*n->buckets));
+	n->in = calloc(g.n_qsets * 2, sizeof(*n->in));
+	n->out = calloc(g.n_qsets * 2, sizeof(*n->out));
+	n->device_bells = calloc(g.n_qsets, sizeof(uint32_t *));
+	n->engine_bells = calloc(g.n_qsets, sizeof(uint32_t *));
+	n->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	n->epfd = epoll_create1(EPOLL_CLOEXEC);
+	q_init(&n->held, sizeof(struct nk_nsm_held));
+	q_init(&n->gated, sizeof(struct nk_nsm_sock *));
+	if (!n->buckets || !n->in || !n->out || !n->device_bells || !n->engine_bells ||
+	    n->wake_fd < 0 || n->epfd < 0)
+		goto fail;
+	for (uint32_t q = 0; q < g.n_qsets; q++) {
+		n->device_bells[q] = (uint32_t *)(n->base + nk_geo_bell_offset(&g, q, NK_BELL_DEVICE));
+		n->engine_bells[q] = (uint32_t *)(n->base + nk_geo_bell_offset(&g, q, NK_BELL_ENGINE));
+		/* DEV-8: we consume COMPLETION and RECEIVE, produce JOB and SEND */
+		nk_ring_init(&n->in[q * 2], n->base + nk_geo_ring_offset(&g, q, NK_RING_COMPLETION),
+			     g.ring_entries);
+		nk_ring_init(&n->in[q * 2 + 1], n->base + nk_geo_ring_offset(&g, q, NK_RING_RECEIVE),
+			     g.ring_entries);
+		nk_ring_init(&n->out[q * 2].ring, n->base + nk_geo_ring_offset(&g, q, NK_RING_JOB),
+			     g.ring_entries);
+		nk_ring_init(&n->out[q * 2 + 1].ring, n->base + nk_geo_ring_offset(&g, q, NK_RING_SEND),
+			     g.ring_entries);
+		q_init(&n->out[q * 2].box, sizeof(struct nk_nqe));
+		q_init(&n->out[q * 2 + 1].box, sizeof(struct nk_nqe));
+	}
+	if (nk_nsm_add_fd(n, n->wake_fd, &nk_nsm_tag_wake) < 0 ||
+	    (control_fd >= 0 && nk_nsm_add_fd(n, control_fd, &nk_nsm_tag_control) < 0) ||
+	    (stop_fd >= 0 && nk_nsm_add_fd(n, stop_fd, &nk_nsm_tag_stop) < 0))
+		goto fail;
+	return n;
+fail:
+	{
+		int err = errno ? errno : ENOMEM;
+		nk_nsm_free(n);
+		errno = err;
+		return NULL;
+	}
+}
+
+void nk_nsm_free(struct nk_nsm *n)
+{
+	if (!n)
+		return;
+	if (n->watching) {
+		atomic_store_explicit(&n->quit, true, memory_order_release);
+		pthread_join(n->watcher, NULL);
+	}
+	for (uint32_t vm = 0; vm < 256; vm++) {
+		if (n->tenants[vm]) {
+			nk_nsm_tenant_unmapped(n, (uint8_t)vm);
+			nk_nsm_tenant_free(n->tenants[vm]);
+			n->tenants[vm] = NULL;
+		}
+	}
+	for (uint32_t b = 0; n->buckets && b < n->nbuckets; b++) /* sockets of no tenant */
+		while (n->buckets[b])
+			nk_nsm_destroy(n, n->buckets[b], 0);
+	nk_nsm_reap(n);
+	for (uint32_t i = 0; n->out && i < n->n_qsets * 2; i++)
+		q_free(&n->out[i].box);
+	q_free(&n->held);
+	q_free(&n->gated);
+	if (n->wake_fd >= 0)
+		close(n->wake_fd);
+	if (n->epfd >= 0)
+		close(n->epfd);
+	free(n->buckets);
+	free(n->in);
+	free(n->out);
+	free(n->device_bells);
+	free(n->engine_bells);
+	free(n);
+}

@@ -1,0 +1,126 @@
+"""ServiceLib in C: the NSM's device side, driven by ``nk_nsm_run`` (fastpath/csrc/nsm.c).
+
+The attach is the reference's (spec/runtime.md RT-3): one JSON line on
+``engine.sock``, the answer names the NSM device, which is mapped and its
+header validated here in Python (DEV-2, DEV-12..DEV-14). From then on
+everything per NQE and per byte runs in C with the GIL released: the calls
+on COMPLETION and RECEIVE, the tenants' data areas (TENANT_MAP maps
+``vm-<V>.nk`` in C, NSM-11), the receive slices (BUF-*), the Linux sockets,
+the replies and events on JOB and SEND (DEV-8). See the comment at the top
+of nsm.c for the threads and how the loop sleeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Final
+
+from netkernel.reference import device as dev
+from netkernel.reference import shm
+from netkernel.reference.servicelib import ATTACH_TIMEOUT, AttachError, _read_line
+
+from ._lib import ffi, lib
+
+log = logging.getLogger("netkernel.fastpath.servicelib")
+
+#: nk_nsm_run's reasons to return (enum nk_nsm_exit)
+STOPPED: Final = 0
+LOST: Final = 1
+
+
+@dataclasses.dataclass
+class Attachment:
+    """What the attach gave: the control connection, the mapped NSM device, the NSM ID."""
+
+    control: socket.socket | None  # None: no CoreEngine to watch (tests)
+    dmap: shm.DeviceMap
+    nsm_id: int
+    runtime: Path
+
+
+def attach(runtime: Path, *, name: str = "kernel",
+           timeout: float = ATTACH_TIMEOUT) -> Attachment:
+    """Hotplug into the CoreEngine at ``runtime/engine.sock`` and map the NSM device (RT-3).
+
+    The connection stays open for the device's lifetime: its EOF is how each
+    side learns that the other is gone (RT-4, NSM-2).
+    """
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        ctl.settimeout(timeout)
+        ctl.connect(str(runtime / shm.ENGINE_SOCK))
+        hello = {"cmd": "attach", "kind": "nsm", "pid": os.getpid(), "name": name}
+        ctl.sendall(json.dumps(hello).encode() + b"\n")
+        line = _read_line(ctl)
+        answer = json.loads(line)
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            raise AttachError(f"the CoreEngine refused the attach: {line.decode().strip()}")
+        dmap = shm.open_device(Path(answer["path"]))
+        if dmap.geo.kind is not dev.Kind.NSM:
+            dmap.close()
+            raise AttachError(f"{answer['path']} is not an NSM device")
+    except (OSError, ValueError, KeyError, dev.DeviceError) as exc:
+        ctl.close()
+        raise AttachError(f"cannot attach to {runtime / shm.ENGINE_SOCK}: {exc}") from exc
+    except BaseException:
+        ctl.close()
+        raise
+    ctl.setblocking(False)
+    log.info("attached as NSM %s, device %s", answer["id"], answer["path"])
+    return Attachment(ctl, dmap, int(answer["id"]), runtime)
+
+
+class ServiceLib:
+    """The C loop over one attached NSM device (``struct nk_nsm``).
+
+    ``stop_fd``: an fd whose readability makes :meth:`run` return (the
+    signal wakeup fd of the process). ``rx_chunk``/``rx_cap`` as the
+    reference KernelNSM's.
+    """
+
+    def __init__(self, att: Attachment, *, stop_fd: int = -1, rx_chunk: int = 0,
+                 rx_cap: int = 0) -> None:
+        self.att = att
+        ctl = att.control.fileno() if att.control is not None else -1
+        self._ptr: Any = lib.nk_nsm_new(ffi.cast("void *", att.dmap.base), len(att.dmap.buf),
+                                        str(att.runtime).encode(), ctl, stop_fd)
+        if self._ptr == ffi.NULL:
+            err = ffi.errno
+            raise OSError(err, f"nk_nsm_new: {os.strerror(err)}")
+        lib.nk_nsm_set_rx(self._ptr, rx_chunk, rx_cap)
+
+    def run(self) -> int:
+        """Serve until stopped (:data:`STOPPED`) or the CoreEngine is gone (:data:`LOST`).
+
+        The GIL is released for the whole call (cffi releases it around every C call).
+        """
+        rc: int = lib.nk_nsm_run(self._ptr)
+        if rc < 0:
+            raise OSError(-rc, f"nk_nsm_run: {os.strerror(-rc)}")
+        return rc
+
+    def stop(self) -> None:
+        """From any thread: make :meth:`run` return soon."""
+        lib.nk_nsm_stop(self._ptr)
+
+    def counters(self) -> dict[str, int]:
+        c = ffi.new("struct nk_nsm_counters *")
+        lib.nk_nsm_get_counters(self._ptr, c)
+        return {f: int(getattr(c, f)) for f, _ in ffi.typeof("struct nk_nsm_counters").fields}
+
+    def close(self) -> None:
+        """Close every tenant socket, unmap the tenants, hang up, unmap the device."""
+        if self._ptr is not None:
+            lib.nk_nsm_free(self._ptr)
+            self._ptr = None
+        if self.att.control is not None:
+            self.att.control.close()
+        self.att.dmap.close()
+
+
+__all__ = ["LOST", "STOPPED", "AttachError", "Attachment", "ServiceLib", "attach"]
