@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from netkernel.conformance.runtime import RawTenant
 from netkernel.reference import bell, coreengine, shm
 from netkernel.reference import device as dev
-from netkernel.reference.nqe import NQE, REPLY_BIT, Op, unpack
+from netkernel.reference.nqe import NQE, REPLY_BIT, Op, pack, unpack
 from tests import test_coreengine as base
 from tests.test_coreengine import (  # noqa: F401  (fixtures the reused tests request)
     NSM_RING,
@@ -356,3 +358,138 @@ def test_the_bench_runs_at_a_tiny_size() -> None:
     assert fast.elapsed > 0 and ref.polling > 0
     assert "goal >= 10 M NQE/s" in bench.format_table({"fastpath": [fast], "reference": [ref]})
     json.dumps([fast.__dict__, ref.__dict__])
+
+
+# -- the loop against the reference's, step by step (in this process) -----------------------
+
+SMALL = {
+    dev.Kind.TENANT: dev.Geometry(kind=dev.Kind.TENANT, ring_entries=4, data_size=64 << 10,
+                                  send_size=32 << 10, buf_size=4 << 10),
+    dev.Kind.NSM: dev.Geometry(kind=dev.Kind.NSM, ring_entries=2, data_size=64 << 10,
+                               send_size=32 << 10, buf_size=4 << 10),
+}
+TENANT_OUT = (dev.RingId.COMPLETION, dev.RingId.RECEIVE)
+Step = tuple[Any, ...]
+UNKNOWN = 0x3F  # an op byte no version defines
+
+
+@contextlib.contextmanager
+def _in_process(impl: str, tenants: int) -> Iterator[tuple[Any, list[Any], Any]]:
+    """A CoreEngine object (no threads) with ``tenants`` tenants and one NSM attached."""
+    from netkernel.fastpath.coreengine import CoreEngine as Fast
+
+    name = f"t-fce-{uuid.uuid4().hex[:8]}"
+    ce = (Fast if impl == "fastpath" else coreengine.CoreEngine)(name, SMALL)
+    ce.dir.mkdir(parents=True, exist_ok=True)
+    conns: list[std.socket] = []
+    try:
+        for kind in ["tenant"] * tenants + ["nsm"]:
+            ours, theirs = std.socketpair()
+            conns += [ours, theirs]
+            assert ce.attach(ours, {"cmd": "attach", "kind": kind, "pid": os.getpid()})["ok"]
+        ts = [a for k, a in sorted(ce.devices.items()) if k.kind is dev.Kind.TENANT]
+        (nsm,) = [a for k, a in ce.devices.items() if k.kind is dev.Kind.NSM]
+        yield ce, ts, nsm
+    finally:
+        ce.close()
+        for c in conns:
+            c.close()
+        shm.remove_instance(name)
+
+
+def _play(impl: str, program: list[Step]) -> list[Any]:
+    """Run ``program`` on one implementation; the trace of everything the sides saw."""
+    trace: list[Any] = []
+    with _in_process(impl, 2) as (ce, ts, nsm):
+        outbox: list[bytes] = []  # replies, for the NSM's JOB ring
+        events: list[bytes] = []  # for its SEND ring
+        for step in program:
+            what = step[0]
+            if what == "call":  # a tenant writes one NQE (if its ring has room)
+                _, t, ring, op, sock, tag, size = step
+                msg = NQE(op=Op.SOCKET if op == UNKNOWN else op, sock_id=sock,
+                          op_data=DGRAM if op == Op.SOCKET else 0,
+                          data_ptr=tag * 4096 if size else 0, size=size, tag=tag)
+                raw = bytes([op]) + pack(msg)[1:]  # UNKNOWN: answered -ENOSYS (NQE-11)
+                trace.append(ts[t].dmap.ring(0, ring).push(raw))
+            elif what == "nsm":  # the NSM answers what it read, and sends events
+                _, k, n_events = step
+                for ring in TENANT_OUT:
+                    for raw in nsm.dmap.ring(0, ring).pop_many(k):
+                        msg = unpack(raw)
+                        trace.append(("nsm got", raw))
+                        if msg.op != Op.BUF_RETURN:
+                            outbox.append(pack(msg.reply(msg.size if msg.op == Op.SEND else 0)))
+                events += [pack(NQE(op=Op.EV_ACCEPTABLE, sock_id=s % 2 + 1))
+                           for s in range(n_events)]
+                for queue, ring in ((outbox, dev.RingId.JOB), (events, dev.RingId.SEND)):
+                    del queue[:nsm.dmap.ring(0, ring).push_many(queue)]
+            elif what == "read":  # a tenant reads k of its replies and events
+                _, t, k = step
+                for ring in TENANT_OUT:
+                    got = ts[t].dmap.ring(0, ring).pop_many(k)
+                    trace += [("tenant got", t, raw) for raw in got]
+            else:
+                trace.append(("moved", ce.poll_once() > 0))
+                st = ce.status()
+                trace.append({k: st[k] for k in ("pending", "blocked_sources", "sockets",
+                                                  "in_flight", "tenants", "nsms")})
+                for d in st["tenants"] + st["nsms"]:
+                    d.pop("path")
+    return trace
+
+
+STEPS = st.one_of(
+    st.tuples(st.just("call"), st.integers(0, 1), st.sampled_from([dev.RingId.JOB,
+                                                                    dev.RingId.SEND]),
+              st.sampled_from([Op.SOCKET, Op.SEND, Op.CLOSE, Op.GETSOCKNAME, UNKNOWN]),
+              st.integers(1, 3), st.integers(0, 3), st.sampled_from([0, 1, 100])),
+    st.tuples(st.just("nsm"), st.integers(0, 3), st.integers(0, 6)),
+    st.tuples(st.just("read"), st.integers(0, 1), st.integers(0, 3)),
+    st.tuples(st.just("poll")),
+)
+
+
+J, S = dev.RingId.JOB, dev.RingId.SEND
+#: A socket; four SENDs for an NSM ring of 2 that is not read (two wait, their source is
+#: held); six events (and six for no socket) for a tenant ring of 4 that is not read (two wait, nobody is held);
+#: then both sides read and everything drains.
+BACKLOGS: list[Step] = [
+    ("call", 0, J, Op.SOCKET, 1, 0, 0), ("poll",), ("nsm", 4, 0), ("poll",), ("nsm", 4, 0),
+    ("poll",), ("read", 0, 4), *[("call", 0, S, Op.SEND, 1, i, 100) for i in range(4)],
+    ("poll",), ("poll",), ("nsm", 0, 12), ("poll",), *[("nsm", 0, 0), ("poll",)] * 5,
+    *[("nsm", 4, 0), ("poll",), ("read", 0, 4), ("poll",)] * 4,
+]
+
+
+@example(BACKLOGS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(STEPS, min_size=1, max_size=60))
+def test_the_c_loop_sees_and_delivers_what_the_reference_loop_does(program: list[Step]) -> None:
+    """Same NQEs in, same NQEs out in the same order on every ring, same status after every
+    pass: backlogs, held sources and the TENANT_BACKLOG rule included (rings of 4 and 2).
+
+    An explicit example (:data:`BACKLOGS`) makes sure both kinds of backlog occur."""
+    program = [*program, ("poll",), ("nsm", 4, 0), ("poll",), ("read", 0, 8), ("read", 1, 8),
+               ("poll",)]
+    assert _play("fastpath", program) == _play("reference", program)
+
+
+def test_the_differential_program_fills_both_kinds_of_backlog() -> None:
+    """BACKLOGS is not vacuous: outputs wait, a source is held, and everything drains."""
+    states = [(d["pending"], d["blocked_sources"]) for d in _play("fastpath", BACKLOGS)
+              if isinstance(d, dict)]
+    assert any(p and b for p, b in states), states  # SENDs held for the NSM's ring
+    assert any(p and not b for p, b in states), states  # events for the tenant, nobody held
+
+
+def test_the_differential_test_fails_a_loop_that_stops_the_nsm_for_a_slow_tenant(
+        hold_all_build: str) -> None:
+    """The NK_BROKEN_CE_HOLD_ALL build, run through the differential program, disagrees."""
+    code = ("from tests.test_fastpath_coreengine import _play, BACKLOGS\n"
+            "print(_play('fastpath', BACKLOGS) == _play('reference', BACKLOGS))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "NETKERNEL_FASTPATH_EXT": hold_all_build})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"]
