@@ -452,8 +452,8 @@ STEPS = st.one_of(
 
 J, S = dev.RingId.JOB, dev.RingId.SEND
 #: A socket; four SENDs for an NSM ring of 2 that is not read (two wait, their source is
-#: held); six events (and six for no socket) for a tenant ring of 4 that is not read (two wait, nobody is held);
-#: then both sides read and everything drains.
+#: held); six events (and six for no socket) for a tenant ring of 4 that is not read (two
+#: wait, nobody is held); then both sides read and everything drains.
 BACKLOGS: list[Step] = [
     ("call", 0, J, Op.SOCKET, 1, 0, 0), ("poll",), ("nsm", 4, 0), ("poll",), ("nsm", 4, 0),
     ("poll",), ("read", 0, 4), *[("call", 0, S, Op.SEND, 1, i, 100) for i in range(4)],
