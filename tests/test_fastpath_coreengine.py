@@ -330,16 +330,23 @@ def test_the_isolation_test_fails_a_loop_that_stops_the_nsm_for_a_slow_tenant(
 # -- a broken ring -------------------------------------------------------------------------------
 
 
-def test_a_device_that_breaks_its_ring_is_detached(inst: Instance) -> None:
-    """RING-10: a tail more than `entries` ahead of the head gets the device unplugged."""
+@pytest.mark.parametrize("broken", ["JOB tail", "COMPLETION head"])
+def test_a_device_that_breaks_its_ring_is_detached(inst: Instance, broken: str) -> None:
+    """RING-10: an index more than `entries` away from the other one, on a ring the
+    CoreEngine reads (JOB's tail) or writes (COMPLETION's head), gets the device unplugged;
+    another tenant stays."""
     t = Tenant(inst.name)
     other = Tenant(inst.name)
     try:
-        ring = t.rings[dev.RingId.JOB]
         path = t.a.path
-        struct.pack_into("<I", t.a.dmap.buf, t.geo.ring_offset(0, dev.RingId.JOB),
-                         ring.head + TENANT_RING + 5)  # the tail: impossible
-        t.engine_bell.ring()
+        ring_id, field = (dev.RingId.JOB, 0) if broken == "JOB tail" else (
+            dev.RingId.COMPLETION, 64)
+        struct.pack_into("<I", t.a.dmap.buf, t.geo.ring_offset(0, ring_id) + field,
+                         t.rings[ring_id].tail + TENANT_RING + 5)
+        if ring_id is dev.RingId.JOB:
+            t.engine_bell.ring()
+        else:  # the CoreEngine finds out when it answers (-ENETDOWN: no NSM here)
+            t.push(dev.RingId.JOB, NQE(op=Op.SOCKET, sock_id=1, op_data=STREAM, tag=1))
         _until("the broken device's file to go", lambda: not path.exists())
         assert [x["id"] for x in inst.status()["tenants"]] == [other.a.id]
         assert other.a.path.exists()
