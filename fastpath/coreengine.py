@@ -67,9 +67,10 @@ class CoreEngine(ref.CoreEngine):
         cfg = ffi.new("struct nk_engine_config *")
         cfg.slices = slices
         cfg.max_inflight = max_inflight or 0
-        self.ce = ffi.gc(lib.nk_ce_new(cfg), lib.nk_ce_free)
-        if self.ce == ffi.NULL:
+        ce = lib.nk_ce_new(cfg)
+        if ce == ffi.NULL:
             raise MemoryError("nk_ce_new")
+        self.ce = ffi.gc(ce, lib.nk_ce_free)
         self.engine = None  # type: ignore[assignment]  # the state is the C engine's
         self._waiting = 0  # control threads that asked the loop to stop for them
         self._turn = threading.Condition()
