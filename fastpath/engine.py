@@ -129,14 +129,15 @@ class Engine:
         n = lib.nk_engine_grants(self._h, ffi.NULL, 0)
         buf = ffi.new("struct nk_grant_info[]", max(n, 1))
         lib.nk_engine_grants(self._h, buf, n)
-        flights = self.flights
-        held: dict[tuple[int, int], list[Any]] = {}
-        for fk, f in flights.items():
-            if f["held"]:
-                held.setdefault((f["tkey"][0], fk[0][0]), []).append(fk)
         return {(g.vm, g.nsm): Grant(Span(g.offset, g.size), bool(g.ready),
-                                     tuple(held.get((g.vm, g.nsm), ())))
+                                     self._held(g.vm, g.nsm, g.held))
                 for g in buf[0:n]}
+
+    def _held(self, vm: int, nsm: int, n: int) -> tuple[Any, ...]:
+        keys = ffi.new("uint64_t[]", max(n, 1))
+        lib.nk_engine_grant_held(self._h, vm, nsm, keys, n)
+        return tuple((((k >> 56) & 0xFF, (k >> 48) & 0xFF, (k >> 16) & _U32), k & 0xFFFF)
+                     for k in keys[0:n])
 
     @property
     def table(self) -> dict[tuple[int, int, int], tuple[int, int, int]]:

@@ -1375,6 +1375,18 @@ uint32_t nk_engine_grants(const struct nk_engine *e, struct nk_grant_info *out, 
 	return e->grants.n;
 }
 
+int nk_engine_grant_held(const struct nk_engine *e, uint8_t vm, uint8_t nsm, uint64_t *out,
+			 uint32_t max)
+{
+	uint32_t i = map_get(&e->gr, pairkey(vm, nsm));
+	if (i == NONE)
+		return -ENOENT;
+	const struct grant *g = &e->grants.v[i];
+	for (uint32_t j = 0; j < g->held.n && j < max; j++)
+		out[j] = g->held.v[j];
+	return (int)g->held.n;
+}
+
 uint32_t nk_engine_flights(const struct nk_engine *e, struct nk_flight_info *out, uint32_t max)
 {
 	for (uint32_t i = 0; i < e->flights.n && i < max; i++) {

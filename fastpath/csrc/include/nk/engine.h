@@ -114,6 +114,9 @@ uint32_t nk_engine_in_flight(const struct nk_engine *e);
 uint32_t nk_engine_sockets(const struct nk_engine *e);
 uint32_t nk_engine_table(const struct nk_engine *e, struct nk_conn_info *out, uint32_t max);
 uint32_t nk_engine_grants(const struct nk_engine *e, struct nk_grant_info *out, uint32_t max);
+/* The flight keys a grant holds, in order: nsm<<56 | qset<<48 | sock<<16 | tag. */
+int nk_engine_grant_held(const struct nk_engine *e, uint8_t vm, uint8_t nsm, uint64_t *out,
+			 uint32_t max); /* count, or -ENOENT */
 uint32_t nk_engine_flights(const struct nk_engine *e, struct nk_flight_info *out, uint32_t max);
 uint32_t nk_engine_draining(const struct nk_engine *e, struct nk_drain_info *out, uint32_t max);
 int nk_engine_ledger(const struct nk_engine *e, uint8_t vm, int part, struct nk_span_info *out,
