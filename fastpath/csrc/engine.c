@@ -529,8 +529,16 @@ static inline void count_out(struct nk_engine *e, uint8_t kind, uint8_t ident, u
 static void emit(struct nk_engine *e, uint8_t kind, uint8_t ident, uint8_t qset, uint8_t ring,
 		 const struct nk_nqe *n)
 {
-	struct nk_out o = {kind, ident, qset, ring, *n};
-	VEC_PUSH(e->out, o);
+	if (e->out.n == e->out.cap) {
+		e->out.cap = e->out.cap ? 2 * e->out.cap : 16;
+		e->out.v = xrealloc(e->out.v, (size_t)e->out.cap * sizeof(*e->out.v));
+	}
+	struct nk_out *o = &e->out.v[e->out.n++]; /* built in place: this is the hot path */
+	o->kind = kind;
+	o->ident = ident;
+	o->qset = qset;
+	o->ring = ring;
+	o->nqe = *n;
 	count_out(e, kind, ident, n->op == NK_OP_SEND || n->op == NK_OP_EV_DATA ? n->size : 0);
 }
 
@@ -928,36 +936,46 @@ static void forward(struct nk_engine *e, struct dev *t, uint8_t vm, uint8_t nsm,
 		    uint32_t nsock, const struct nk_nqe *m, const struct nk_nqe *fwd,
 		    const struct flight *opens)
 {
-	struct flight f;
-	memset(&f, 0, sizeof(f));
-	if (opens)
-		f = *opens;
-	f.fk = fkey(nsm, nq, nsock, m->tag);
-	f.vm = vm;
-	f.tq = m->qset;
-	f.tsock = m->sock_id;
-	f.held = 0;
-	f.req = *m;
-	f.fwd = *fwd;
-	f.fwd_nsm = nsm;
-	f.fwd_q = nq;
-	f.fwd_ring = nsm_ring_of(m->op);
-	if (f.opens) {
-		map_put(&e->opening, skey(f.o_vm, f.o_tq, f.o_tsock), 1);
-		nsock_ref(e, f.o_nsm, f.o_nsock);
+	if (e->flights.n == e->flights.cap) {
+		e->flights.cap = e->flights.cap ? 2 * e->flights.cap : 64;
+		e->flights.v = xrealloc(e->flights.v, (size_t)e->flights.cap * sizeof(*e->flights.v));
 	}
+	struct flight *f = &e->flights.v[e->flights.n]; /* built in place: the hot path */
+	f->fk = fkey(nsm, nq, nsock, m->tag);
+	f->vm = vm;
+	f->tq = m->qset;
+	f->tsock = m->sock_id;
+	f->held = 0;
+	f->opens = opens != NULL;
+	if (opens) {
+		f->o_vm = opens->o_vm;
+		f->o_tq = opens->o_tq;
+		f->o_tsock = opens->o_tsock;
+		f->o_nsm = opens->o_nsm;
+		f->o_nq = opens->o_nq;
+		f->o_nsock = opens->o_nsock;
+		map_put(&e->opening, skey(f->o_vm, f->o_tq, f->o_tsock), 1);
+		nsock_ref(e, f->o_nsm, f->o_nsock);
+	} else {
+		f->o_vm = f->o_tq = f->o_nsm = f->o_nq = 0;
+		f->o_tsock = f->o_nsock = 0;
+	}
+	f->req = *m;
+	f->fwd = *fwd;
+	f->fwd_nsm = nsm;
+	f->fwd_q = nq;
+	f->fwd_ring = nsm_ring_of(m->op);
+	map_put(&e->fl, f->fk, e->flights.n++);
 	e->inflight[vm]++;
 	uint64_t payload = m->op == NK_OP_SEND ? m->size : 0;
 	t->ctr.bytes_in += payload;
 	struct grant *g = grant_of(e, vm, nsm);
 	if (g && !g->ready) { /* CE-16: held until the NSM has mapped the tenant */
-		f.held = 1;
-		VEC_PUSH(g->held, f.fk);
+		f->held = 1;
+		VEC_PUSH(g->held, f->fk);
 	} else {
-		emit(e, NK_KIND_NSM, nsm, nq, f.fwd_ring, fwd);
+		emit(e, NK_KIND_NSM, nsm, nq, f->fwd_ring, fwd);
 	}
-	map_put(&e->fl, f.fk, e->flights.n);
-	VEC_PUSH(e->flights, f);
 }
 
 /* _free_slice: the first of `slices` equal granule-aligned parts no NSM holds (CE-17, BUF-8). */
@@ -1191,20 +1209,22 @@ static void nsm_reply(struct nk_engine *e, struct dev *n, uint8_t nsm, const str
 	struct flight *fp = flight_of(e, fk);
 	if (!fp || (m->op != (fp->req.op | NK_REPLY_BIT) && m->op != NK_OP_UNKNOWN_REPLY))
 		return unmatched(e, n, nsm, m);
-	struct flight f;
-	flight_remove(e, fk, &f);
-	int ok = m->op == (f.req.op | NK_REPLY_BIT) && (int64_t)m->op_data >= 0;
-	struct dev *t = dev_of(e, NK_KIND_TENANT, f.req.vm_id);
-	if (f.req.op == NK_OP_SEND && f.req.size && t) /* BUF-3: settle */
-		spanset_remove(&t->ledger->sent, f.req.data_ptr);
-	if (f.opens && ok)
-		conn_insert(e, f.o_vm, f.o_tq, f.o_tsock, f.o_nsm, f.o_nq, f.o_nsock);
-	if (f.req.op == NK_OP_CLOSE) {
-		uint32_t ci = map_get(&e->fwd, skey(f.vm, f.tq, f.tsock));
+	/* The reference forgets the flight first; every step below commutes with that, so
+	 * the flight is read in place and forgotten last (no copy on the hot path). */
+	const struct flight *f = fp;
+	int ok = m->op == (f->req.op | NK_REPLY_BIT) && (int64_t)m->op_data >= 0;
+	struct dev *t = dev_of(e, NK_KIND_TENANT, f->req.vm_id);
+	if (f->req.op == NK_OP_SEND && f->req.size && t) /* BUF-3: settle */
+		spanset_remove(&t->ledger->sent, f->req.data_ptr);
+	if (f->opens && ok)
+		conn_insert(e, f->o_vm, f->o_tq, f->o_tsock, f->o_nsm, f->o_nq, f->o_nsock);
+	if (f->req.op == NK_OP_CLOSE) {
+		uint32_t ci = map_get(&e->fwd, skey(f->vm, f->tq, f->tsock));
 		if (ci != NONE)
 			conn_remove_at(e, ci);
 	}
-	answer(e, &f, m->op, m->op_data);
+	answer(e, f, m->op, m->op_data);
+	flight_remove(e, fk, NULL);
 }
 
 /* An event from an NSM: to the tenant socket it serves (CE-12, SEC-4). */
