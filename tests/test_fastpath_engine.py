@@ -13,7 +13,10 @@ fast path (one that forgets to stamp the VM ID) must be caught.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import subprocess
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -343,3 +346,37 @@ def test_a_refused_nqe_leaves_the_c_state_unchanged() -> None:
     assert after["counters"][t].rejected == before["counters"][t].rejected + 1
     del after["counters"], before["counters"]
     assert after == before
+
+
+# -- the fuzz target (fastpath/csrc/fuzz/fuzz_engine.c) -----------------------------------------
+
+CSRC = Path(__file__).resolve().parent.parent / "fastpath" / "csrc"
+
+
+def _fuzzer(tmp: Path, *defines: str) -> Path:
+    exe = tmp / "fuzz_engine"
+    subprocess.run(
+        ["clang", "-g", "-O1", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-I", "include",
+         "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined", *defines,
+         "-o", str(exe), "fuzz/fuzz_engine.c", "engine.c"],
+        cwd=CSRC, check=True, timeout=300)
+    return exe
+
+
+def _run_fuzzer(exe: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(exe), "-runs=2000", "-seed=1", f"-artifact_prefix={tmp}/",
+                           str(CSRC / "fuzz" / "corpus" / "engine")],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(shutil.which("clang") is None, reason="the fuzz target needs clang")
+def test_fuzz_target_holds_its_invariants_on_the_seeds(tmp_path: Path) -> None:
+    got = _run_fuzzer(_fuzzer(tmp_path), tmp_path)
+    assert got.returncode == 0, got.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("clang") is None, reason="the fuzz target needs clang")
+def test_fuzz_target_catches_an_engine_that_does_not_stamp(tmp_path: Path) -> None:
+    got = _run_fuzzer(_fuzzer(tmp_path, "-DNK_BROKEN_ENGINE_STAMP"), tmp_path)
+    assert got.returncode != 0
+    assert "fuzz_engine: output" in got.stderr

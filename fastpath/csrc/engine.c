@@ -1293,7 +1293,9 @@ int nk_engine_switch(struct nk_engine *e, uint8_t kind, uint8_t ident, uint8_t q
 		malformed(e, d, kind, ident, qset, &m, err);
 		return (int)e->out.n;
 	}
+#ifndef NK_BROKEN_ENGINE_STAMP /* a deliberately broken build, for the fuzz test to catch */
 	m.vm_id = kind == NK_KIND_TENANT ? ident : 0; /* CE-8, SEC-2: stamped */
+#endif
 	m.qset = qset;
 	uint8_t op = m.op;
 	if (op == NK_OP_ATTACH) { /* CE-20 */
