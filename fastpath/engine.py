@@ -18,6 +18,7 @@ from typing import Any
 
 from netkernel.reference import nqe as ref_nqe
 from netkernel.reference.bufpool import Span
+from netkernel.reference.device import Geometry, Kind, RingId
 from netkernel.reference.engine import (
     NQE_VERSION,
     Counters,
@@ -28,7 +29,6 @@ from netkernel.reference.engine import (
     Output,
 )
 from netkernel.reference.engine import first_nsm as _ref_first_nsm
-from netkernel.reference.device import Geometry, Kind, RingId
 
 from ._lib import ffi, lib
 
@@ -91,7 +91,7 @@ def _config(policy: Policy, slices: int) -> Any:
 class Engine:
     """The whole state of a CoreEngine's switching core, held by the C engine (CE-*)."""
 
-    __slots__ = ("_h", "policy", "slices", "max_inflight", "_custom")
+    __slots__ = ("_custom", "_h", "max_inflight", "policy", "slices")
 
     def __init__(self, policy: Policy = first_nsm, slices: int = 1,
                  max_inflight: int | None = None, *, _handle: Any = None) -> None:
@@ -268,7 +268,8 @@ def switch(engine: Engine, src: Dev, qset: int, ring: RingId,
         nsm = engine.policy(engine, ident)
         lib.nk_engine_set_policy_choice(new._h, nsm if isinstance(nsm, int)
                                         and 1 <= nsm <= _MAX_ID else 0)
-    n = lib.nk_engine_switch(new._h, kind, ident, qset, int(ring), ffi.from_buffer("struct nk_nqe *", data))
+    n = lib.nk_engine_switch(new._h, kind, ident, qset, int(ring),
+                             ffi.from_buffer("struct nk_nqe *", data))
     lib.nk_engine_set_policy_choice(new._h, -1)
     if n < 0:
         raise EngineError(f"the C engine refused the call: {n}")

@@ -13,6 +13,7 @@ fast path (one that forgets to stamp the VM ID) must be caught.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import shutil
 import subprocess
 import types
@@ -22,8 +23,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import run_state_machine_as_test
 
 from netkernel.fastpath import engine as fast
+from netkernel.fastpath import ledger as fast_ledger
+from netkernel.reference import bufpool
+from netkernel.reference import device as ref_device
 from netkernel.reference import engine as ref
 from netkernel.reference import nqe as ref_nqe
 
@@ -380,3 +385,71 @@ def test_fuzz_target_catches_an_engine_that_does_not_stamp(tmp_path: Path) -> No
     got = _run_fuzzer(_fuzzer(tmp_path, "-DNK_BROKEN_ENGINE_STAMP"), tmp_path)
     assert got.returncode != 0
     assert "fuzz_engine: output" in got.stderr
+
+
+# -- the ledger on its own (fastpath/ledger.py over nk_ledger_*) ----------------------------------
+
+LEDGER_GEO = Geometry(n_qsets=1, ring_entries=2, data_size=24 * 64, send_size=8 * 64,
+                      buf_size=64, kind=Kind.TENANT)
+ledger_calls = st.lists(st.one_of(
+    st.tuples(st.just("grant"), st.integers(0, 4), st.integers(-64, 26 * 64),
+              st.integers(-1, 8 * 64)),
+    st.tuples(st.just("lend_send"), st.integers(-64, 10 * 64), st.integers(-1, 4 * 64)),
+    st.tuples(st.just("settle_send"), st.integers(-64, 10 * 64), st.integers(-1, 4 * 64)),
+    st.tuples(st.just("lend_receive"), st.integers(0, 4), st.integers(7 * 64, 26 * 64),
+              st.integers(-1, 4 * 64)),
+    st.tuples(st.just("return_receive"), st.integers(-64, 26 * 64), st.integers(-1, 4 * 64)),
+), max_size=60)
+
+
+def _ledger_differential(make: Any) -> None:
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(calls=ledger_calls, data=st.data())
+    def check(calls: list[tuple[Any, ...]], data: st.DataObject) -> None:
+        want, got = bufpool.Ledger(LEDGER_GEO), make(LEDGER_GEO)
+        done: list[tuple[Any, ...]] = []
+        for call in calls:
+            if call[0] in ("settle_send", "return_receive") and done and data.draw(st.booleans()):
+                call = (call[0], *data.draw(st.sampled_from(done)))  # a span that was lent
+            outcome = []
+            for ledger in (want, got):
+                try:
+                    outcome.append(("ok", getattr(ledger, call[0])(*call[1:])))
+                except bufpool.BufError as exc:
+                    outcome.append(("err", exc.errno))
+            assert outcome[0] == outcome[1], call
+            if outcome[0][0] == "ok" and call[0] in ("lend_send", "lend_receive"):
+                done.append(call[-2:])
+            assert want.slices() == got.slices()
+            assert want.lent_send() == got.lent_send()
+            assert want.held_by_tenant() == got.held_by_tenant()
+
+    check()
+
+
+def test_c_ledger_matches_the_reference_ledger() -> None:
+    _ledger_differential(fast_ledger.Ledger)
+
+
+class _OverlappingLedger(fast_ledger.Ledger):
+    """Lends a send buffer that overlaps one still lent (breaks BUF-3) by saying nothing."""
+
+    def lend_send(self, offset: int, size: int) -> None:
+        try:
+            super().lend_send(offset, size)
+        except bufpool.BufError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+
+
+def test_the_ledger_differential_catches_a_ledger_that_double_lends() -> None:
+    with pytest.raises(AssertionError):
+        _ledger_differential(_OverlappingLedger)
+
+
+def test_c_ledger_passes_the_conformance_ledger_machine() -> None:
+    from netkernel.conformance.test_bufpool import LedgerMachine
+
+    machine = type("CLedgerMachine", (LedgerMachine,),
+                   {"pool": types.SimpleNamespace(Ledger=fast_ledger.Ledger), "dev": ref_device})
+    run_state_machine_as_test(machine)

@@ -197,7 +197,7 @@ static inline uint64_t pairkey(uint8_t a, uint8_t b)
 
 struct span {
 	uint64_t off;
-	uint32_t size;
+	uint64_t size;
 	uint8_t nsm;
 };
 
@@ -245,7 +245,7 @@ static void spanset_clone(struct spanset *dst, const struct spanset *src)
 }
 
 /* Buckets [*b0, *b1] of a non-empty span inside the set's half. */
-static inline void spanset_buckets(const struct spanset *ss, uint64_t off, uint32_t size,
+static inline void spanset_buckets(const struct spanset *ss, uint64_t off, uint64_t size,
 				   uint32_t *b0, uint32_t *b1)
 {
 	*b0 = (uint32_t)((off - ss->base) >> ss->shift);
@@ -253,7 +253,7 @@ static inline void spanset_buckets(const struct spanset *ss, uint64_t off, uint3
 }
 
 /* True if [off, off+size) overlaps a span of the set (size > 0, inside the half). */
-static int spanset_overlaps(const struct spanset *ss, uint64_t off, uint32_t size)
+static int spanset_overlaps(const struct spanset *ss, uint64_t off, uint64_t size)
 {
 	uint32_t b0, b1;
 	spanset_buckets(ss, off, size, &b0, &b1);
@@ -281,7 +281,7 @@ static void spanset_count(struct spanset *ss, const struct span *s, uint32_t del
 		ss->cnt[b] += delta;
 }
 
-static void spanset_add(struct spanset *ss, uint64_t off, uint32_t size, uint8_t nsm)
+static void spanset_add(struct spanset *ss, uint64_t off, uint64_t size, uint8_t nsm)
 {
 	struct span s = {off, size, nsm};
 	map_put(&ss->by_off, off, ss->s.n);
@@ -312,7 +312,8 @@ static void spanset_remove(struct spanset *ss, uint64_t off)
 /* -- devices and ledgers ------------------------------------------------------------- */
 
 /* The ledger of one tenant (reference bufpool.Ledger): BUF-3..BUF-5, BUF-8. */
-struct ledger {
+struct nk_ledger {
+	struct nk_geometry geo;
 	uint64_t slice_off[256], slice_size[256]; /* by NSM ID; size 0: no slice */
 	struct spanset sent;                      /* send buffers lent to an NSM (BUF-3) */
 	struct spanset held;                      /* receive buffers the tenant holds (BUF-4) */
@@ -321,7 +322,7 @@ struct ledger {
 struct dev {
 	struct nk_geometry geo;
 	struct nk_counters ctr;
-	struct ledger *ledger; /* tenants only */
+	struct nk_ledger *ledger; /* tenants only */
 };
 
 struct conn {
@@ -373,17 +374,18 @@ static inline struct dev *dev_of(const struct nk_engine *e, uint8_t kind, uint8_
 	return kind == NK_KIND_TENANT || kind == NK_KIND_NSM ? e->devs[kind][ident] : NULL;
 }
 
-static struct ledger *ledger_new(const struct nk_geometry *g)
+static struct nk_ledger *ledger_new(const struct nk_geometry *g)
 {
-	struct ledger *l = calloc(1, sizeof(*l));
+	struct nk_ledger *l = calloc(1, sizeof(*l));
 	if (!l)
 		abort();
+	l->geo = *g;
 	spanset_init(&l->sent, 0, g->send_size, g->buf_size);
 	spanset_init(&l->held, g->send_size, g->data_size - g->send_size, g->buf_size);
 	return l;
 }
 
-static void ledger_free(struct ledger *l)
+static void ledger_free(struct nk_ledger *l)
 {
 	if (!l)
 		return;
@@ -392,9 +394,9 @@ static void ledger_free(struct ledger *l)
 	free(l);
 }
 
-static struct ledger *ledger_clone(const struct ledger *src)
+static struct nk_ledger *ledger_clone(const struct nk_ledger *src)
 {
-	struct ledger *l = xdup(src, sizeof(*src));
+	struct nk_ledger *l = xdup(src, sizeof(*src));
 	spanset_clone(&l->sent, &src->sent);
 	spanset_clone(&l->held, &src->held);
 	return l;
@@ -418,7 +420,7 @@ static inline int in_recv_half(const struct nk_geometry *g, uint64_t off, uint64
 }
 
 /* _rebuild_ledger(drop_nsm): the slice and the receive buffers of that NSM go. */
-static void ledger_drop_nsm(struct ledger *l, uint8_t nsm)
+static void ledger_drop_nsm(struct nk_ledger *l, uint8_t nsm)
 {
 	l->slice_size[nsm] = 0;
 	l->slice_off[nsm] = 0;
@@ -990,7 +992,7 @@ static int free_slice(const struct dev *t, uint32_t slices, uint64_t *off, uint6
 	per = per / g->buf_size * g->buf_size;
 	if (!per)
 		return 0;
-	const struct ledger *l = t->ledger;
+	const struct nk_ledger *l = t->ledger;
 	for (uint64_t i = 0; i < n; i++) {
 		uint64_t s = recv_off + i * per, end = s + per;
 		int clash = 0;
@@ -1238,7 +1240,7 @@ static void nsm_event(struct nk_engine *e, struct dev *n, uint8_t nsm, const str
 	if (m->op == NK_OP_EV_DATA) {
 		if (m->op_data > m->size)
 			return drop(n, 0); /* an address prefix longer than the buffer */
-		struct ledger *l = t->ledger;
+		struct nk_ledger *l = t->ledger;
 		if (!l->slice_size[nsm] ||
 		    !within(l->slice_off[nsm], l->slice_size[nsm], m->data_ptr, m->size) ||
 		    m->size == 0 || spanset_overlaps(&l->held, m->data_ptr, m->size))
@@ -1459,13 +1461,112 @@ uint32_t nk_engine_draining(const struct nk_engine *e, struct nk_drain_info *out
 	return n;
 }
 
+static int ledger_list(const struct nk_ledger *l, int part, struct nk_span_info *out,
+		       uint32_t max);
+
 int nk_engine_ledger(const struct nk_engine *e, uint8_t vm, int part, struct nk_span_info *out,
 		     uint32_t max)
 {
 	const struct dev *t = dev_of(e, NK_KIND_TENANT, vm);
 	if (!t)
 		return -ENOENT;
-	const struct ledger *l = t->ledger;
+	return ledger_list(t->ledger, part, out, max);
+}
+
+uint32_t nk_engine_next_sock(const struct nk_engine *e, uint8_t nsm)
+{
+	return e->next_sock[nsm];
+}
+
+/* -- the ledger on its own (reference bufpool.Ledger), for the bufpool role --------------------- */
+
+struct nk_ledger *nk_ledger_new(const struct nk_geometry *g)
+{
+	uint32_t b = g->buf_size;
+	if (b == 0 || (b & (b - 1)) || g->send_size > g->data_size)
+		return NULL;
+	return ledger_new(g);
+}
+
+void nk_ledger_free(struct nk_ledger *l)
+{
+	ledger_free(l);
+}
+
+struct nk_ledger *nk_ledger_clone(const struct nk_ledger *l)
+{
+	return ledger_clone(l);
+}
+
+/* TENANT_MAP (BUF-8): EFAULT outside the receive half; EINVAL off granules, for an NSM
+ * that has a slice, or overlapping another NSM's. */
+int nk_ledger_grant(struct nk_ledger *l, uint8_t nsm, uint64_t off, uint64_t size)
+{
+	const struct nk_geometry *g = &l->geo;
+	if (size == 0 || !in_recv_half(g, off, size))
+		return -EFAULT;
+	if (off % g->buf_size || size % g->buf_size || l->slice_size[nsm])
+		return -EINVAL;
+	for (int k = 0; k < 256; k++)
+		if (l->slice_size[k] && l->slice_off[k] < off + size &&
+		    off < l->slice_off[k] + l->slice_size[k])
+			return -EINVAL;
+	l->slice_off[nsm] = off;
+	l->slice_size[nsm] = size;
+	return 0;
+}
+
+/* SEND lends its buffer (BUF-3): EFAULT outside the send half, EINVAL over a lent one. */
+int nk_ledger_lend_send(struct nk_ledger *l, uint64_t off, uint64_t size)
+{
+	if (size == 0)
+		return 0;
+	if (!in_send_half(&l->geo, off, size))
+		return -EFAULT;
+	if (spanset_overlaps(&l->sent, off, size))
+		return -EINVAL;
+	spanset_add(&l->sent, off, size, 0);
+	return 0;
+}
+
+/* The SEND's reply gives it back (BUF-3): EINVAL unless exactly that buffer is lent. */
+int nk_ledger_settle_send(struct nk_ledger *l, uint64_t off, uint64_t size)
+{
+	if (size == 0)
+		return 0;
+	const struct span *s = spanset_at(&l->sent, off);
+	if (!s || s->size != size)
+		return -EINVAL;
+	spanset_remove(&l->sent, off);
+	return 0;
+}
+
+/* EV_DATA lends a receive buffer to the tenant (BUF-4, BUF-8). */
+int nk_ledger_lend_receive(struct nk_ledger *l, uint8_t nsm, uint64_t off, uint64_t size)
+{
+	if (!l->slice_size[nsm] || !within(l->slice_off[nsm], l->slice_size[nsm], off, size))
+		return -EFAULT;
+	if (size == 0 || spanset_overlaps(&l->held, off, size))
+		return -EINVAL;
+	spanset_add(&l->held, off, size, nsm);
+	return 0;
+}
+
+/* BUF_RETURN (BUF-5): the NSM to forward it to, or -EFAULT / -EINVAL. */
+int nk_ledger_return_receive(struct nk_ledger *l, uint64_t off, uint64_t size)
+{
+	if (size && !in_recv_half(&l->geo, off, size))
+		return -EFAULT;
+	const struct span *s = spanset_at(&l->held, off);
+	if (!s || s->size != size || size == 0)
+		return -EINVAL;
+	int nsm = s->nsm;
+	spanset_remove(&l->held, off);
+	return nsm;
+}
+
+static int ledger_list(const struct nk_ledger *l, int part, struct nk_span_info *out, uint32_t max)
+{
 	uint32_t n = 0;
 	if (part == NK_LEDGER_SLICES) {
 		for (int k = 0; k < 256; k++)
@@ -1485,7 +1586,7 @@ int nk_engine_ledger(const struct nk_engine *e, uint8_t vm, int part, struct nk_
 	return (int)n;
 }
 
-uint32_t nk_engine_next_sock(const struct nk_engine *e, uint8_t nsm)
+int nk_ledger_list(const struct nk_ledger *l, int part, struct nk_span_info *out, uint32_t max)
 {
-	return e->next_sock[nsm];
+	return ledger_list(l, part, out, max);
 }

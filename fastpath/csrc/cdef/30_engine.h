@@ -68,3 +68,13 @@ uint32_t nk_engine_draining(const struct nk_engine *e, struct nk_drain_info *out
 int nk_engine_ledger(const struct nk_engine *e, uint8_t vm, int part, struct nk_span_info *out,
 		     uint32_t max); 
 uint32_t nk_engine_next_sock(const struct nk_engine *e, uint8_t nsm); 
+struct nk_ledger;
+struct nk_ledger *nk_ledger_new(const struct nk_geometry *g); 
+void nk_ledger_free(struct nk_ledger *l);
+struct nk_ledger *nk_ledger_clone(const struct nk_ledger *l);
+int nk_ledger_grant(struct nk_ledger *l, uint8_t nsm, uint64_t off, uint64_t size);
+int nk_ledger_lend_send(struct nk_ledger *l, uint64_t off, uint64_t size);
+int nk_ledger_settle_send(struct nk_ledger *l, uint64_t off, uint64_t size);
+int nk_ledger_lend_receive(struct nk_ledger *l, uint8_t nsm, uint64_t off, uint64_t size);
+int nk_ledger_return_receive(struct nk_ledger *l, uint64_t off, uint64_t size); 
+int nk_ledger_list(const struct nk_ledger *l, int part, struct nk_span_info *out, uint32_t max);

@@ -123,4 +123,16 @@ int nk_engine_ledger(const struct nk_engine *e, uint8_t vm, int part, struct nk_
 		     uint32_t max); /* count, or -ENOENT */
 uint32_t nk_engine_next_sock(const struct nk_engine *e, uint8_t nsm); /* 0: never allocated */
 
+/* The ledger on its own (reference bufpool.Ledger: BUF-3..BUF-5, BUF-8); 0 or -errno. */
+struct nk_ledger;
+struct nk_ledger *nk_ledger_new(const struct nk_geometry *g); /* NULL: bad geometry */
+void nk_ledger_free(struct nk_ledger *l);
+struct nk_ledger *nk_ledger_clone(const struct nk_ledger *l);
+int nk_ledger_grant(struct nk_ledger *l, uint8_t nsm, uint64_t off, uint64_t size);
+int nk_ledger_lend_send(struct nk_ledger *l, uint64_t off, uint64_t size);
+int nk_ledger_settle_send(struct nk_ledger *l, uint64_t off, uint64_t size);
+int nk_ledger_lend_receive(struct nk_ledger *l, uint8_t nsm, uint64_t off, uint64_t size);
+int nk_ledger_return_receive(struct nk_ledger *l, uint64_t off, uint64_t size); /* nsm */
+int nk_ledger_list(const struct nk_ledger *l, int part, struct nk_span_info *out, uint32_t max);
+
 #endif
