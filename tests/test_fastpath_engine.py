@@ -25,9 +25,11 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import run_state_machine_as_test
 
+from netkernel.fastpath import conntable as fast_conntable
 from netkernel.fastpath import engine as fast
 from netkernel.fastpath import ledger as fast_ledger
 from netkernel.reference import bufpool
+from netkernel.reference import conntable as ref_conntable
 from netkernel.reference import device as ref_device
 from netkernel.reference import engine as ref
 from netkernel.reference import nqe as ref_nqe
@@ -453,3 +455,56 @@ def test_c_ledger_passes_the_conformance_ledger_machine() -> None:
     machine = type("CLedgerMachine", (LedgerMachine,),
                    {"pool": types.SimpleNamespace(Ledger=fast_ledger.Ledger), "dev": ref_device})
     run_state_machine_as_test(machine)
+
+
+# -- the connection table on its own (fastpath/conntable.py over nk_table_*) ---------------------
+
+table_keys = st.tuples(st.integers(0, 3), st.sampled_from([0, 1, 255]), st.integers(0, 3))
+table_ops = st.lists(st.one_of(
+    st.tuples(st.just("insert"), table_keys, table_keys),
+    st.tuples(st.just("remove_tenant"), table_keys),
+    st.tuples(st.just("detach_vm"), st.integers(0, 3)),
+    st.tuples(st.just("detach_nsm"), st.integers(0, 3)),
+), max_size=40)
+
+
+def _table_differential(ct: Any) -> None:
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(ops=table_ops)
+    def check(ops: list[tuple[Any, ...]]) -> None:
+        want, got = ref_conntable.EMPTY, ct.EMPTY
+        for op, *args in ops:
+            try:
+                w = getattr(ref_conntable, op)(want, *args)
+            except ref_conntable.TableError:
+                with pytest.raises(ref_conntable.TableError):
+                    getattr(ct, op)(got, *args)
+                continue
+            g = getattr(ct, op)(got, *args)
+            if isinstance(w, tuple):
+                assert w[1] == g[1]
+                w, g = w[0], g[0]
+            want, got = w, g
+            assert dict(want.fwd) == dict(got.fwd) and dict(want.rev) == dict(got.rev)
+            for key in ((1, 0, 1), (2, 1, 3), (3, 0, 2)):
+                assert ref_conntable.lookup_nsm(want, key) == ct.lookup_nsm(got, key)
+                assert ref_conntable.translate(want, *key) == ct.translate(got, *key)
+                assert ref_conntable.sockets_of_nsm(want, key[0]) == ct.sockets_of_nsm(got, key[0])
+
+    check()
+
+
+def test_c_table_matches_the_reference_table() -> None:
+    _table_differential(fast_conntable)
+
+
+def test_the_table_differential_catches_a_table_that_forgets_reverse_entries() -> None:
+    broken = types.SimpleNamespace(**{k: getattr(fast_conntable, k)
+                                      for k in fast_conntable.__all__})
+
+    def lookup_nsm(table: Any, nkey: Any) -> Any:  # never finds the tenant of an NSM socket
+        return None
+
+    broken.lookup_nsm = lookup_nsm
+    with pytest.raises(AssertionError):
+        _table_differential(broken)

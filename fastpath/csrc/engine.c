@@ -330,6 +330,61 @@ struct conn {
 	uint32_t tsock, nsock;
 };
 
+/* The connection table (CE-1..CE-6): entries, and both directions as maps to them. */
+struct nk_table {
+	VEC(struct conn) conns;
+	struct map fwd, rev; /* tenant key / NSM key -> conns index */
+};
+
+static void table_init(struct nk_table *t)
+{
+	memset(t, 0, sizeof(*t));
+	map_init(&t->fwd, 64);
+	map_init(&t->rev, 64);
+}
+
+static void table_free(struct nk_table *t)
+{
+	free(t->conns.v);
+	map_free(&t->fwd);
+	map_free(&t->rev);
+}
+
+static void table_clone(struct nk_table *dst, const struct nk_table *src)
+{
+	VEC_CLONE(dst->conns, src->conns);
+	map_clone(&dst->fwd, &src->fwd);
+	map_clone(&dst->rev, &src->rev);
+}
+
+/* CE-3: add tkey <-> nkey; an entry never replaces another, on either side. */
+static int table_insert(struct nk_table *t, const struct conn *c)
+{
+	uint64_t tk = skey(c->vm, c->tq, c->tsock), nk = skey(c->nsm, c->nq, c->nsock);
+	if (map_get(&t->fwd, tk) != NONE)
+		return -EEXIST;
+	if (map_get(&t->rev, nk) != NONE)
+		return -EADDRINUSE;
+	map_put(&t->fwd, tk, t->conns.n);
+	map_put(&t->rev, nk, t->conns.n);
+	VEC_PUSH(t->conns, *c);
+	return 0;
+}
+
+static void table_remove_at(struct nk_table *t, uint32_t i)
+{
+	struct conn c = t->conns.v[i];
+	map_del(&t->fwd, skey(c.vm, c.tq, c.tsock));
+	map_del(&t->rev, skey(c.nsm, c.nq, c.nsock));
+	uint32_t last = --t->conns.n;
+	if (i != last) {
+		struct conn *m = &t->conns.v[i];
+		*m = t->conns.v[last];
+		map_put(&t->fwd, skey(m->vm, m->tq, m->tsock), i);
+		map_put(&t->rev, skey(m->nsm, m->nq, m->nsock), i);
+	}
+}
+
 struct flight {
 	uint64_t fk;
 	uint8_t vm, tq;    /* tkey: the socket the request names */
@@ -353,8 +408,7 @@ struct nk_engine {
 	int64_t limit;  /* SEC-5; < 0: the tenant's completion capacity */
 	int choice;     /* the policy's answer, -1: use cfg */
 	struct dev *devs[3][256];
-	VEC(struct conn) conns;
-	struct map fwd, rev; /* tenant key / NSM key -> conns index */
+	struct nk_table tab; /* the connection table (CE-1) */
 	VEC(struct flight) flights;
 	struct map fl;      /* flight key -> flights index */
 	struct map opening; /* tenant keys being opened */
@@ -440,8 +494,7 @@ struct nk_engine *nk_engine_new(const struct nk_engine_config *cfg)
 		e->cfg = *cfg;
 	e->limit = e->cfg.max_inflight ? (int64_t)e->cfg.max_inflight : -1;
 	e->choice = -1;
-	map_init(&e->fwd, 64);
-	map_init(&e->rev, 64);
+	table_init(&e->tab);
 	map_init(&e->fl, 64);
 	map_init(&e->opening, 16);
 	map_init(&e->nsock, 64);
@@ -466,13 +519,13 @@ void nk_engine_free(struct nk_engine *e)
 				ledger_free(e->devs[k][i]->ledger);
 				free(e->devs[k][i]);
 			}
-	free(e->conns.v);
+	table_free(&e->tab);
 	free(e->flights.v);
 	for (uint32_t i = 0; i < e->grants.n; i++)
 		grant_free(&e->grants.v[i]);
 	free(e->grants.v);
 	free(e->out.v);
-	struct map *maps[] = {&e->fwd, &e->rev, &e->fl, &e->opening, &e->nsock,
+	struct map *maps[] = {&e->fl, &e->opening, &e->nsock,
 			      &e->gr, &e->drain, &e->dpair};
 	for (size_t i = 0; i < sizeof(maps) / sizeof(maps[0]); i++)
 		map_free(maps[i]);
@@ -489,14 +542,12 @@ struct nk_engine *nk_engine_clone(const struct nk_engine *src)
 				if (src->devs[k][i]->ledger)
 					e->devs[k][i]->ledger = ledger_clone(src->devs[k][i]->ledger);
 			}
-	VEC_CLONE(e->conns, src->conns);
+	table_clone(&e->tab, &src->tab);
 	VEC_CLONE(e->flights, src->flights);
 	VEC_CLONE(e->grants, src->grants);
 	for (uint32_t i = 0; i < e->grants.n; i++)
 		VEC_CLONE(e->grants.v[i].held, src->grants.v[i].held);
 	VEC_CLONE(e->out, src->out);
-	map_clone(&e->fwd, &src->fwd);
-	map_clone(&e->rev, &src->rev);
 	map_clone(&e->fl, &src->fl);
 	map_clone(&e->opening, &src->opening);
 	map_clone(&e->nsock, &src->nsock);
@@ -605,34 +656,20 @@ static inline void nsock_unref(struct nk_engine *e, uint8_t nsm, uint32_t sock)
 static void conn_insert(struct nk_engine *e, uint8_t vm, uint8_t tq, uint32_t tsock, uint8_t nsm,
 			uint8_t nq, uint32_t nsock)
 {
-	uint64_t tk = skey(vm, tq, tsock), nk = skey(nsm, nq, nsock);
-	if (map_get(&e->fwd, tk) != NONE || map_get(&e->rev, nk) != NONE)
-		return; /* CE-3: never replaces an entry (cannot happen: both keys were reserved) */
 	struct conn c = {vm, tq, nsm, nq, tsock, nsock};
-	map_put(&e->fwd, tk, e->conns.n);
-	map_put(&e->rev, nk, e->conns.n);
-	VEC_PUSH(e->conns, c);
-	nsock_ref(e, nsm, nsock);
+	if (table_insert(&e->tab, &c) == 0) /* never refused: both keys were reserved (CE-10) */
+		nsock_ref(e, nsm, nsock);
 }
 
 static void conn_remove_at(struct nk_engine *e, uint32_t i)
 {
-	struct conn c = e->conns.v[i];
-	map_del(&e->fwd, skey(c.vm, c.tq, c.tsock));
-	map_del(&e->rev, skey(c.nsm, c.nq, c.nsock));
-	nsock_unref(e, c.nsm, c.nsock);
-	uint32_t last = --e->conns.n;
-	if (i != last) {
-		struct conn *m = &e->conns.v[i];
-		*m = e->conns.v[last];
-		map_put(&e->fwd, skey(m->vm, m->tq, m->tsock), i);
-		map_put(&e->rev, skey(m->nsm, m->nq, m->nsock), i);
-	}
+	nsock_unref(e, e->tab.conns.v[i].nsm, e->tab.conns.v[i].nsock);
+	table_remove_at(&e->tab, i);
 }
 
 static inline int reserved_tkey(const struct nk_engine *e, uint64_t tk) /* CE-10 */
 {
-	return map_get(&e->fwd, tk) != NONE || map_get(&e->opening, tk) != NONE;
+	return map_get(&e->tab.fwd, tk) != NONE || map_get(&e->opening, tk) != NONE;
 }
 
 static uint32_t alloc_sock(struct nk_engine *e, uint8_t nsm) /* CE-10 */
@@ -760,8 +797,8 @@ int nk_engine_attach(struct nk_engine *e, const struct nk_geometry *geo, int ide
 static void detach_tenant(struct nk_engine *e, uint8_t vm)
 {
 	VEC(uint64_t) ids = {0}; /* (nsm, sock) of every NSM socket the tenant had */
-	for (uint32_t i = e->conns.n; i-- > 0;) {
-		struct conn c = e->conns.v[i];
+	for (uint32_t i = e->tab.conns.n; i-- > 0;) {
+		struct conn c = e->tab.conns.v[i];
 		if (c.vm != vm)
 			continue;
 		VEC_PUSH(ids, idkey(c.nsm, c.nsock));
@@ -851,16 +888,16 @@ static void detach_nsm(struct nk_engine *e, uint8_t nsm)
 	if (closing.n)
 		qsort(closing.v, closing.n, sizeof(uint64_t), cmp_u64);
 	VEC(uint64_t) gone = {0};
-	for (uint32_t i = 0; i < e->conns.n; i++)
-		if (e->conns.v[i].nsm == nsm) {
-			struct conn c = e->conns.v[i];
+	for (uint32_t i = 0; i < e->tab.conns.n; i++)
+		if (e->tab.conns.v[i].nsm == nsm) {
+			struct conn c = e->tab.conns.v[i];
 			VEC_PUSH(gone, skey(c.vm, c.tq, c.tsock));
 		}
 	if (gone.n)
 		qsort(gone.v, gone.n, sizeof(uint64_t), cmp_u64);
 	for (uint32_t i = 0; i < gone.n; i++) {
 		uint64_t tk = gone.v[i];
-		conn_remove_at(e, map_get(&e->fwd, tk));
+		conn_remove_at(e, map_get(&e->tab.fwd, tk));
 		if (closing.n && bsearch(&tk, closing.v, closing.n, sizeof(uint64_t), cmp_u64))
 			continue;
 		struct nk_nqe ev = {.op = NK_OP_EV_ERROR, .qset = (uint8_t)(tk >> 32),
@@ -1086,10 +1123,10 @@ static void tenant_call(struct nk_engine *e, struct dev *t, uint8_t vm, const st
 		return refuse(e, t, NK_KIND_TENANT, vm, m, EFAULT); /* NQE-14, SEC-3 */
 	if (op == NK_OP_SOCKET)
 		return open_socket(e, t, vm, m);
-	uint32_t ci = map_get(&e->fwd, skey(vm, m->qset, m->sock_id));
+	uint32_t ci = map_get(&e->tab.fwd, skey(vm, m->qset, m->sock_id));
 	if (ci == NONE) /* not one of this tenant's sockets (CE-9, SEC-1) */
 		return refuse(e, t, NK_KIND_TENANT, vm, m, EBADF);
-	struct conn c = e->conns.v[ci];
+	struct conn c = e->tab.conns.v[ci];
 	int err = argument_errno(op, m);
 	if (err)
 		return refuse(e, t, NK_KIND_TENANT, vm, m, err);
@@ -1221,7 +1258,7 @@ static void nsm_reply(struct nk_engine *e, struct dev *n, uint8_t nsm, const str
 	if (f->opens && ok)
 		conn_insert(e, f->o_vm, f->o_tq, f->o_tsock, f->o_nsm, f->o_nq, f->o_nsock);
 	if (f->req.op == NK_OP_CLOSE) {
-		uint32_t ci = map_get(&e->fwd, skey(f->vm, f->tq, f->tsock));
+		uint32_t ci = map_get(&e->tab.fwd, skey(f->vm, f->tq, f->tsock));
 		if (ci != NONE)
 			conn_remove_at(e, ci);
 	}
@@ -1232,10 +1269,10 @@ static void nsm_reply(struct nk_engine *e, struct dev *n, uint8_t nsm, const str
 /* An event from an NSM: to the tenant socket it serves (CE-12, SEC-4). */
 static void nsm_event(struct nk_engine *e, struct dev *n, uint8_t nsm, const struct nk_nqe *m)
 {
-	uint32_t ci = map_get(&e->rev, skey(nsm, m->qset, m->sock_id));
+	uint32_t ci = map_get(&e->tab.rev, skey(nsm, m->qset, m->sock_id));
 	if (ci == NONE)
 		return unmatched(e, n, nsm, m);
-	struct conn c = e->conns.v[ci];
+	struct conn c = e->tab.conns.v[ci];
 	struct dev *t = e->devs[NK_KIND_TENANT][c.vm];
 	if (m->op == NK_OP_EV_DATA) {
 		if (m->op_data > m->size)
@@ -1355,8 +1392,8 @@ int nk_engine_counters(const struct nk_engine *e, uint8_t kind, uint8_t ident,
 int nk_engine_open_sockets(const struct nk_engine *e, uint8_t kind, uint8_t ident)
 {
 	int n = 0;
-	for (uint32_t i = 0; i < e->conns.n; i++)
-		n += kind == NK_KIND_TENANT ? e->conns.v[i].vm == ident : e->conns.v[i].nsm == ident;
+	for (uint32_t i = 0; i < e->tab.conns.n; i++)
+		n += kind == NK_KIND_TENANT ? e->tab.conns.v[i].vm == ident : e->tab.conns.v[i].nsm == ident;
 	return n;
 }
 
@@ -1377,16 +1414,16 @@ uint32_t nk_engine_in_flight(const struct nk_engine *e)
 
 uint32_t nk_engine_sockets(const struct nk_engine *e)
 {
-	return e->conns.n;
+	return e->tab.conns.n;
 }
 
 uint32_t nk_engine_table(const struct nk_engine *e, struct nk_conn_info *out, uint32_t max)
 {
-	for (uint32_t i = 0; i < e->conns.n && i < max; i++) {
-		const struct conn *c = &e->conns.v[i];
+	for (uint32_t i = 0; i < e->tab.conns.n && i < max; i++) {
+		const struct conn *c = &e->tab.conns.v[i];
 		out[i] = (struct nk_conn_info){c->vm, c->tq, c->nsm, c->nq, c->tsock, c->nsock};
 	}
-	return e->conns.n;
+	return e->tab.conns.n;
 }
 
 uint32_t nk_engine_grants(const struct nk_engine *e, struct nk_grant_info *out, uint32_t max)
@@ -1589,4 +1626,84 @@ static int ledger_list(const struct nk_ledger *l, int part, struct nk_span_info 
 int nk_ledger_list(const struct nk_ledger *l, int part, struct nk_span_info *out, uint32_t max)
 {
 	return ledger_list(l, part, out, max);
+}
+
+/* -- the connection table on its own, for the conntable role (CE-1..CE-6) ------------------------ */
+
+struct nk_table *nk_table_new(void)
+{
+	struct nk_table *t = malloc(sizeof(*t));
+	if (!t)
+		return NULL;
+	table_init(t);
+	return t;
+}
+
+void nk_table_free(struct nk_table *t)
+{
+	if (t) {
+		table_free(t);
+		free(t);
+	}
+}
+
+struct nk_table *nk_table_clone(const struct nk_table *src)
+{
+	struct nk_table *t = xrealloc(NULL, sizeof(*t));
+	table_clone(t, src);
+	return t;
+}
+
+static inline int valid_key(uint32_t owner, uint32_t qset, uint64_t sock) /* CE-2 */
+{
+	return owner >= NK_ID_MIN && owner <= NK_ID_MAX && qset <= 254 && sock >= 1 && sock <= U32;
+}
+
+int nk_table_insert(struct nk_table *t, const struct nk_conn_info *c)
+{
+	if (!valid_key(c->vm, c->tqset, c->tsock) || !valid_key(c->nsm, c->nqset, c->nsock))
+		return -EINVAL;
+	struct conn k = {c->vm, c->tqset, c->nsm, c->nqset, c->tsock, c->nsock};
+	return table_insert(t, &k);
+}
+
+int nk_table_remove_tenant(struct nk_table *t, uint8_t vm, uint8_t qset, uint32_t sock)
+{
+	uint32_t i = map_get(&t->fwd, skey(vm, qset, sock));
+	if (i == NONE)
+		return 0;
+	table_remove_at(t, i);
+	return 1;
+}
+
+int nk_table_lookup(const struct nk_table *t, int nsm_side, uint8_t owner, uint8_t qset,
+		    uint32_t sock, struct nk_conn_info *out)
+{
+	uint32_t i = map_get(nsm_side ? &t->rev : &t->fwd, skey(owner, qset, sock));
+	if (i == NONE)
+		return 0;
+	const struct conn *c = &t->conns.v[i];
+	*out = (struct nk_conn_info){c->vm, c->tq, c->nsm, c->nq, c->tsock, c->nsock};
+	return 1;
+}
+
+uint32_t nk_table_list(const struct nk_table *t, struct nk_conn_info *out, uint32_t max)
+{
+	for (uint32_t i = 0; i < t->conns.n && i < max; i++) {
+		const struct conn *c = &t->conns.v[i];
+		out[i] = (struct nk_conn_info){c->vm, c->tq, c->nsm, c->nq, c->tsock, c->nsock};
+	}
+	return t->conns.n;
+}
+
+/* CE-6: remove every entry of tenant `id` (nsm_side 0) or of NSM `id` (nsm_side 1). */
+uint32_t nk_table_detach(struct nk_table *t, int nsm_side, uint8_t id)
+{
+	uint32_t gone = 0;
+	for (uint32_t i = t->conns.n; i-- > 0;)
+		if ((nsm_side ? t->conns.v[i].nsm : t->conns.v[i].vm) == id) {
+			table_remove_at(t, i);
+			gone++;
+		}
+	return gone;
 }

@@ -135,4 +135,17 @@ int nk_ledger_lend_receive(struct nk_ledger *l, uint8_t nsm, uint64_t off, uint6
 int nk_ledger_return_receive(struct nk_ledger *l, uint64_t off, uint64_t size); /* nsm */
 int nk_ledger_list(const struct nk_ledger *l, int part, struct nk_span_info *out, uint32_t max);
 
+/* The connection table on its own (reference conntable: CE-1..CE-6). insert: 0, -EINVAL for
+ * a malformed key (CE-2), -EEXIST for a tenant key in use, -EADDRINUSE for an NSM key in use. */
+struct nk_table;
+struct nk_table *nk_table_new(void);
+void nk_table_free(struct nk_table *t);
+struct nk_table *nk_table_clone(const struct nk_table *t);
+int nk_table_insert(struct nk_table *t, const struct nk_conn_info *c);
+int nk_table_remove_tenant(struct nk_table *t, uint8_t vm, uint8_t qset, uint32_t sock);
+int nk_table_lookup(const struct nk_table *t, int nsm_side, uint8_t owner, uint8_t qset,
+		    uint32_t sock, struct nk_conn_info *out); /* 1 found, 0 not */
+uint32_t nk_table_list(const struct nk_table *t, struct nk_conn_info *out, uint32_t max);
+uint32_t nk_table_detach(struct nk_table *t, int nsm_side, uint8_t id); /* entries removed */
+
 #endif
