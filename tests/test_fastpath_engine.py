@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import shutil
 import subprocess
 import types
@@ -358,6 +359,8 @@ def test_a_refused_nqe_leaves_the_c_state_unchanged() -> None:
 # -- the fuzz target (fastpath/csrc/fuzz/fuzz_engine.c) -----------------------------------------
 
 CSRC = Path(__file__).resolve().parent.parent / "fastpath" / "csrc"
+#: the fuzzer brings its own sanitizer runtime: not the one a sanitized Python run preloads
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
 
 
 def _fuzzer(tmp: Path, *defines: str) -> Path:
@@ -366,14 +369,14 @@ def _fuzzer(tmp: Path, *defines: str) -> Path:
         ["clang", "-g", "-O1", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-I", "include",
          "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined", *defines,
          "-o", str(exe), "fuzz/fuzz_engine.c", "engine.c"],
-        cwd=CSRC, check=True, timeout=300)
+        cwd=CSRC, check=True, timeout=300, env=CLEAN_ENV)
     return exe
 
 
 def _run_fuzzer(exe: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(exe), "-runs=2000", "-seed=1", f"-artifact_prefix={tmp}/",
                            str(CSRC / "fuzz" / "corpus" / "engine")],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=CLEAN_ENV)
 
 
 @pytest.mark.skipif(shutil.which("clang") is None, reason="the fuzz target needs clang")
