@@ -374,8 +374,10 @@ def _fuzzer(tmp: Path, *defines: str) -> Path:
 
 
 def _run_fuzzer(exe: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
+    work = tmp / "corpus"  # new inputs go here, never into the repository's seeds
+    work.mkdir(exist_ok=True)
     return subprocess.run([str(exe), "-runs=2000", "-seed=1", f"-artifact_prefix={tmp}/",
-                           str(CSRC / "fuzz" / "corpus" / "engine")],
+                           str(work), str(CSRC / "fuzz" / "corpus" / "engine")],
                           capture_output=True, text=True, timeout=300, env=CLEAN_ENV)
 
 
