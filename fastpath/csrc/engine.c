@@ -128,6 +128,13 @@ static void map_grow(struct map *m)
 	map_free(&old);
 }
 
+/* Room for `n` entries without growing (sized at attach, so the hot path does not allocate). */
+static void map_reserve(struct map *m, uint32_t n)
+{
+	while (2 * (uint64_t)n > (uint64_t)m->mask + 1)
+		map_grow(m);
+}
+
 /* Insert or overwrite. Load stays below 1/2. */
 static void map_put(struct map *m, uint64_t k, uint32_t v)
 {
@@ -790,6 +797,16 @@ int nk_engine_attach(struct nk_engine *e, const struct nk_geometry *geo, int ide
 	if (kind == NK_KIND_TENANT)
 		d->ledger = ledger_new(geo);
 	e->devs[kind][ident] = d;
+	if (kind == NK_KIND_TENANT) { /* SEC-5 bounds its flights: make room for them now */
+		int64_t limit = e->limit >= 0 ? e->limit : (int64_t)geo->n_qsets * geo->ring_entries;
+		uint32_t more = (uint32_t)(limit < (1 << 16) ? limit : (1 << 16));
+		uint32_t want = e->flights.n + more;
+		map_reserve(&e->fl, want);
+		if (want > e->flights.cap) {
+			e->flights.cap = want;
+			e->flights.v = xrealloc(e->flights.v, (size_t)want * sizeof(*e->flights.v));
+		}
+	}
 	return ident;
 }
 
