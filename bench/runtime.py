@@ -1,7 +1,9 @@
-"""The reference runtime against direct kernel sockets, measured side by side in one run.
+"""A NetKernel runtime against direct kernel sockets, measured side by side in one run.
 
-``python -m bench.runtime`` (or ``python bench/runtime.py``) starts an embedded
-NetKernel instance (a CoreEngine and the kernel NSM) under a unique name,
+``python -m bench.runtime [--impl fastpath|reference]`` (or ``python
+bench/runtime.py``) starts an embedded NetKernel instance (a CoreEngine and the
+kernel NSM, of the implementation ``--impl`` names: the C fast path by default)
+under a unique name,
 then measures, alternating the two paths round by round:
 
 - **bulk**: one TCP connection, a sender process writing ``--msg-size`` byte
@@ -17,12 +19,12 @@ then measures, alternating the two paths round by round:
 
 Each measurement runs the same Python code in two fresh processes; only the
 socket class differs: ``socket.socket`` on loopback (*direct*) or
-``netkernel.reference.guestlib.socket`` (*NetKernel*: every call is NQEs
+``netkernel.<impl>.guestlib.socket`` (*NetKernel*: every call is NQEs
 through the CoreEngine to the kernel NSM, which makes the same loopback
 calls). It prints the absolute figures and the ratio NetKernel/direct
 (DESIGN.md section 10 asks for >= 0.8x throughput and >= 0.7x request rate
 of the kernel NSM; the reference runtime is Python and is not expected to
-meet them: the fast path is a later issue).
+meet them).
 
 Not a CI gate: tests/test_bench_runtime.py only smoke-tests it at a tiny size.
 """
@@ -30,6 +32,7 @@ Not a CI gate: tests/test_bench_runtime.py only smoke-tests it at a tiny size.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import selectors
@@ -51,10 +54,12 @@ WORKER_TIMEOUT_SLACK: Final = 60.0
 # -- the workers (one process each) -------------------------------------------------------------
 
 
+IMPLS: Final = ("fastpath", "reference")
+
+
 def _socket_class(path: str) -> Callable[..., Any]:
     if path == "netkernel":
-        from netkernel.reference import guestlib
-
+        guestlib = importlib.import_module(f"netkernel.{os.environ['NK_BENCH_IMPL']}.guestlib")
         make: Callable[..., Any] = guestlib.socket
         return make
     return std.socket
@@ -196,6 +201,7 @@ class BenchError(RuntimeError):
 
 def _spawn(role: str, path: str, instance: str, *args: str) -> subprocess.Popen[str]:
     env = dict(os.environ, NETKERNEL_INSTANCE=instance)
+    env.setdefault("NK_BENCH_IMPL", IMPLS[0])
     return subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", role,
                              "--path", path, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -317,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(argv[1:])
     p = argparse.ArgumentParser(
         prog="python -m bench.runtime",
-        description="Reference runtime (GuestLib -> CoreEngine -> kernel NSM) vs direct kernel"
+        description="NetKernel (GuestLib -> CoreEngine -> kernel NSM) vs direct kernel"
                     " sockets on loopback: bulk throughput and request/response rate.")
+    p.add_argument("--impl", choices=IMPLS, default=IMPLS[0],
+                   help="implementation of GuestLib, CoreEngine and NSM (default fastpath)")
     p.add_argument("--seconds", type=float, default=3.0,
                    help="duration of each measurement (default 3; 6 measurements per round)")
     p.add_argument("--rounds", type=int, default=1,
@@ -334,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
 
     name = f"bench-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
-    print(f"bench.runtime: embedded instance {name!r} (CoreEngine + kernel NSM),"
+    print(f"bench.runtime: embedded instance {name!r} (CoreEngine + kernel NSM, {args.impl}),"
           f" {args.rounds} round(s) of 6 x {args.seconds:g} s", flush=True)
+    os.environ["NK_BENCH_IMPL"] = args.impl  # the workers' GuestLib
     try:
-        inst.up(name)
+        inst.up(name, impl=args.impl)
         figures = measure(args, name, say=lambda s: print(s, flush=True))
     except (BenchError, inst.InstanceError) as exc:
         print(f"bench.runtime: FAILED: {exc}", file=sys.stderr)
