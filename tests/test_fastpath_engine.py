@@ -130,11 +130,21 @@ class Pair:
         assert ref.status(self.r) == self.ce.status(self.f)
 
 
+def last_nsm(engine: Any, vm_id: int) -> int | None:
+    """A policy of the caller's own (CE-15): the highest NSM ID, or none for tenant 3."""
+    nsms = [d.ident for d in engine.devices if d.kind is Kind.NSM]
+    return None if vm_id == 3 or not nsms else max(nsms)
+
+
 def _ref_policy(spec: Any) -> Any:
+    if spec == "last":
+        return last_nsm
     return ref.first_nsm if spec is None else ref.assign(spec)
 
 
 def _fast_policy(ce: Any, spec: Any) -> Any:
+    if spec == "last":
+        return last_nsm
     return ce.first_nsm if spec is None else ce.assign(spec)
 
 
@@ -216,7 +226,7 @@ def nsm_answer(pair: Pair, data: st.DataObject) -> tuple[Any, int, Any, bytes] |
 
 def run_program(ce: Any, data: st.DataObject) -> None:
     config = {
-        "policy": data.draw(st.sampled_from([None, None, {1: 2, 2: 1}, {3: 7}])),
+        "policy": data.draw(st.sampled_from([None, None, {1: 2, 2: 1}, {3: 7}, "last"])),
         "slices": data.draw(st.sampled_from([1, 2, 3, 9])),
         "max_inflight": data.draw(st.sampled_from([None, None, 0, 1, 3])),
     }

@@ -218,7 +218,7 @@ struct spanset {
 	uint32_t *cnt;
 };
 
-#define MAX_BUCKETS (1u << 16)
+#define MAX_BUCKETS (1u << 18) /* 1 MiB of counts per half at most */
 #define SCAN_BUCKETS 64 /* a span over more buckets than this is checked by a scan */
 
 static void spanset_init(struct spanset *ss, uint64_t base, uint64_t size, uint32_t granule)
