@@ -518,6 +518,20 @@ def test_tenant_map_comes_first_and_holds_sockets(rig: Rig) -> None:
         (fmap.nqe.data_ptr, fmap.nqe.size)
 
 
+@pytest.mark.req("CE-16", "CE-11")
+def test_a_held_socket_answered_before_tenant_map_is_held_no_more(rig: Rig) -> None:
+    a, nsm = rig.tenants[0], rig.nsms[0]
+    fmap = one(rig.call(a, Op.SOCKET, 5, op_data=STREAM, tag=7))
+    assert fmap.op == Op.TENANT_MAP
+    # the NSM never got the SOCKET: it guesses the socket ID the engine chose, and the tag
+    answered: list[Out] = []
+    for guess in range(1, 9):
+        answered += rig.feed(nsm, NQE(op=Op.SOCKET | R, sock_id=guess, tag=7), ring=rig.JOB)
+    assert [(o.ident, o.op, o.result, o.nqe.sock_id) for o in answered] == \
+        [(a.ident, Op.SOCKET | R, 0, 5)]
+    assert rig.reply(fmap, 0) == []  # nothing held any more: the SOCKET is not forwarded
+
+
 @pytest.mark.req("CE-17", "BUF-8")
 def test_receive_slices_are_disjoint_granules(coreengine: Any) -> None:
     order = iter([1, 2, 3, 3])

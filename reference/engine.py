@@ -695,6 +695,7 @@ def _nsm_reply(step: _Step, src: Dev, msg: NQE) -> None:
     if flight is None or msg.op not in (flight.request.op | nqe.REPLY_BIT, nqe.OP_UNKNOWN_REPLY):
         return _unmatched(step, src, msg)
     del step.flights[fk]
+    _unhold(step, flight.tkey[0], src.ident, fk)
     req = flight.request
     ok = msg.op == req.op | nqe.REPLY_BIT and msg.result >= 0
     if req.op == Op.SEND and req.size:
@@ -704,6 +705,18 @@ def _nsm_reply(step: _Step, src: Dev, msg: NQE) -> None:
     if req.op == Op.CLOSE:
         step.table = conntable.remove_tenant(step.table, flight.tkey)
     _answer(step, flight, msg.op, msg.op_data)
+
+
+def _unhold(step: _Step, vm: int, nsm: int, fk: FlightKey) -> None:
+    """A held request answered before the TENANT_MAP reply is held no more (CE-16).
+
+    The NSM never got it, so it guessed its socket ID and tag; the answer
+    stands (the tenant gets it), and the map reply must not forward it.
+    """
+    grant = step.grants.get((vm, nsm))
+    if grant is not None and fk in grant.held:
+        step.grants[(vm, nsm)] = dataclasses.replace(
+            grant, held=tuple(k for k in grant.held if k != fk))
 
 
 def _answer(step: _Step, flight: Flight, op: int, op_data: int) -> None:

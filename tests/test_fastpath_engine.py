@@ -119,12 +119,6 @@ class Pair:
             (what, args)
         self.r, self.f = r_e, f_e
         self.learn(r_out)
-        for g in self.r.grants.values():
-            if len(set(g.held)) != len(g.held) or any(fk not in self.r.flights for fk in g.held):
-                # The reference keeps a held SOCKET an NSM answered before TENANT_MAP in the
-                # grant's held list; its map reply then raises KeyError (or sends the SOCKET
-                # twice). The C engine drops it from the list. Not comparable: discard.
-                reject()
         want, got = snapshot_ref(self.r), snapshot_fast(self.f)
         assert want == got, {k: (want[k], got[k]) for k in want if want[k] != got[k]}
         assert ref.status(self.r) == self.ce.status(self.f)
