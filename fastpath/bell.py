@@ -3,9 +3,9 @@
 The protocol and the API are the reference's (read its docstring); the bell
 word is read and rung with C11 atomics and the futex calls are made by the
 inline functions of csrc/include/nk/bell.h, through cffi, which releases the
-GIL while a thread sleeps. :func:`notify` and :func:`sleep_until_work`
-compose ring and bell calls exactly as the reference does and work with
-either ring implementation.
+GIL while a thread sleeps. :func:`notify` and :func:`sleep_until_work` are
+the reference's, re-exported: they compose ring and bell calls and take
+either implementation of each.
 
 A bell holds a cffi view of its region (``ffi.from_buffer``), so the word
 stays mapped while the bell lives: it can never touch unmapped memory.
@@ -16,8 +16,8 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any, Final, Protocol
+from collections.abc import Sequence
+from typing import Any, Final
 
 from netkernel.reference.bell import (
     CLOCK_MONOTONIC,
@@ -29,6 +29,8 @@ from netkernel.reference.bell import (
     WAITV_MAX,
     WAKE_ALL,
     buffer_address,
+    notify,
+    sleep_until_work,
 )
 
 from ._lib import ffi, lib
@@ -38,12 +40,6 @@ __all__ = ["CLOCK_MONOTONIC", "FUTEX_32", "FUTEX_WAIT", "FUTEX_WAKE", "MAX_SLEEP
            "wait_any"]
 
 _NS: Final = 1_000_000_000
-
-
-class _Ring(Protocol):
-    def consumer_sleeping(self) -> bool: ...
-    def prepare_sleep(self) -> bool: ...
-    def finish_sleep(self) -> None: ...
 
 
 def _ns(seconds: float) -> int:
@@ -123,28 +119,3 @@ def wait_any(bells: Sequence[tuple[Bell, int]], timeout: float = MAX_SLEEP) -> i
         bell, value = bells[0]
         return 0 if bell.wait(value, timeout) else None
     raise OSError(-rc, f"futex_waitv: {os.strerror(-rc)}")
-
-
-def notify(ring: _Ring, bell: Bell) -> bool:
-    """Producer side, after a push: ring ``bell`` if the ring's consumer sleeps (RING-6)."""
-    if ring.consumer_sleeping():
-        bell.ring()
-        return True
-    return False
-
-
-def sleep_until_work(bell: Bell, rings: Iterable[_Ring], timeout: float = MAX_SLEEP) -> bool:
-    """Consumer side: sleep on ``bell`` unless one of ``rings`` has work (RING-6, RING-7).
-
-    True if it slept and was woken, False if it did not sleep (work was found)
-    or the sleep timed out. The caller polls its rings afterwards either way.
-    """
-    rings = list(rings)
-    expected = bell.value()  # before the re-check: a later push changes the word
-    try:
-        if not all(r.prepare_sleep() for r in rings):
-            return False
-        return bell.wait(expected, timeout)
-    finally:
-        for r in rings:
-            r.finish_sleep()

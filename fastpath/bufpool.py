@@ -15,6 +15,7 @@ import errno
 import threading
 from typing import Any, Final
 
+from netkernel.reference import bufpool as _ref
 from netkernel.reference.bufpool import (
     EFAULT,
     EINVAL,
@@ -26,7 +27,6 @@ from netkernel.reference.bufpool import (
     half_bounds,
     within,
 )
-from netkernel.reference.device import Geometry
 
 from ._lib import ffi, lib
 
@@ -45,16 +45,19 @@ def _u64(value: int) -> bool:
     return 0 <= value < _U64
 
 
-class Allocator:
+class Allocator(_ref.Allocator):
     """First-fit allocation of granule-aligned buffers inside one span (BUF-2), in C.
 
     The reference's API: :attr:`area`, :attr:`granule`, :attr:`capacity`,
     :meth:`free_bytes`, :meth:`largest_free`, :meth:`live`, :meth:`alloc`,
     :meth:`free`. Offsets are u64 (NQE-6): an area that ends past 2**64 is refused
-    with EINVAL, where the reference would accept it.
+    with EINVAL, where the reference would accept it. It subclasses the reference's
+    so that :class:`SendAllocator` and :class:`ReceiveAllocator` are the reference's
+    constructors over this one (their ``super().__init__`` lands here); it overrides
+    every method and keeps none of the reference's state.
     """
 
-    def __init__(self, area: Span, granule: int) -> None:
+    def __init__(self, area: Span, granule: int) -> None:  # not super(): no Python state
         if granule <= 0 or granule & (granule - 1):
             raise BufError(f"granule must be a power of two, got {granule}", errno=EINVAL)
         out = ffi.new("struct nk_bufpool **")
@@ -137,20 +140,12 @@ class Allocator:
         raise BufError(f"no live buffer starts at {offset:#x} (double free?)", errno=EINVAL)
 
 
-class SendAllocator(Allocator):
-    """The tenant's allocator over its send half (BUF-1, BUF-3)."""
-
-    def __init__(self, geo: Geometry) -> None:
-        super().__init__(half_bounds(geo, Half.SEND), geo.buf_size)
+class SendAllocator(_ref.SendAllocator, Allocator):
+    """The tenant's allocator over its send half (BUF-1, BUF-3): the reference's, in C."""
 
 
-class ReceiveAllocator(Allocator):
-    """An NSM's allocator over the slice of a tenant's receive half it was granted (BUF-1, BUF-4).
+class ReceiveAllocator(_ref.ReceiveAllocator, Allocator):
+    """An NSM's allocator over its slice of a tenant's receive half (BUF-1, BUF-4, BUF-8).
 
-    ``grant`` is the (data_ptr, size) of the TENANT_MAP that granted it; it
-    must be a granule-aligned span of the receive half (BUF-8).
+    The reference's constructor (the grant is checked there), the C allocator.
     """
-
-    def __init__(self, geo: Geometry, grant: Span) -> None:
-        check_slice(geo, grant)
-        super().__init__(grant, geo.buf_size)

@@ -4,7 +4,9 @@
 ``csrc/*.c`` with the headers of ``csrc/include/nk/`` into the extension
 ``netkernel.fastpath._nk``. The declarations cffi sees are ``csrc/cdef/*.h``
 (plain C: cffi's parser takes no macros or inline bodies), read in name order;
-a file whose first line says ``cffi: packed`` is declared packed.
+a file whose first line says ``cffi: packed`` is declared packed. They repeat
+the prototypes of the headers, which is what cffi needs; API mode compiles
+every declaration against the real header, so a mismatch fails the build.
 
 ``python fastpath/build.py [--sanitize] --out DIR`` builds the same extension
 (with AddressSanitizer and UndefinedBehaviorSanitizer) into ``DIR`` and prints
@@ -86,7 +88,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--out", required=True, type=Path, help="build directory")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    so = make(sanitize=args.sanitize, relative=False).compile(tmpdir=str(args.out.resolve()), verbose=False)
+    ffi = make(sanitize=args.sanitize, relative=False)
+    so = ffi.compile(tmpdir=str(args.out.resolve()), verbose=False)
     print(so)
 
 

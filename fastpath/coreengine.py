@@ -22,13 +22,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from netkernel.reference import coreengine as ref
 from netkernel.reference import device as dev
@@ -244,49 +243,14 @@ class CoreEngine(ref.CoreEngine):
 def running(instance: str | None = None,
             geometry: dict[dev.Kind, dev.Geometry] | None = None) -> Iterator[CoreEngine]:
     """A fast-path CoreEngine in a thread of this process, for tests and demos."""
-    ce = CoreEngine(instance, geometry)
-    ce.listen()
-    thread = threading.Thread(target=ce.run, name="nk-coreengine", daemon=True)
-    thread.start()
-    try:
-        yield ce
-    finally:
-        ce.stop.set()
-        thread.join(timeout=5.0)
+    with ref.running(instance, geometry, engine_class=CoreEngine) as ce:
+        yield cast(CoreEngine, ce)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m netkernel.fastpath.coreengine --instance NAME`` (the reference's options)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="netkernel-coreengine-fastpath")
-    parser.add_argument("--instance", default=None, help="instance name (NETKERNEL_INSTANCE)")
-    parser.add_argument("--ring-entries", type=int, default=None, metavar="N",
-                        help="NQE slots per ring of tenant devices (a power of two)")
-    parser.add_argument("--nsm-ring-entries", type=int, default=None, metavar="N",
-                        help="NQE slots per ring of NSM devices (a power of two)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        geometry = ref.geometries(args.ring_entries, args.nsm_ring_entries)
-    except dev.DeviceError as exc:
-        parser.error(str(exc))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s coreengine %(levelname)s %(message)s")
-    ce = CoreEngine(args.instance, geometry)
-    ce.listen()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: shutting down", signum)
-        ce.stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    log.info("fast-path CoreEngine of instance %s serving %s", ce.instance,
-             ce.dir / shm.ENGINE_SOCK)
-    ce.run()
-    log.info("CoreEngine of instance %s stopped", ce.instance)
-    return 0
+    return ref.main(argv, engine_class=CoreEngine, prog="netkernel-coreengine-fastpath",
+                    label="fast-path CoreEngine")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,15 @@ is closed, the control connection hung up, and the exit status is 0 (NSM-2).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import logging
 import os
-import resource
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+from netkernel.reference import nsm_kernel as ref_nsm
 from netkernel.reference import shm
 
 from . import servicelib
@@ -28,30 +26,14 @@ from . import servicelib
 log = logging.getLogger("netkernel.fastpath.nsm_kernel")
 
 
-def _raise_fd_limit() -> None:
-    """One fd per tenant socket: allow as many as the hard limit does."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _ignore(signum: int, frame: FrameType | None) -> None:
     """The wakeup fd already told the C loop; nothing to do in Python."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m netkernel.fastpath.nsm_kernel",
-        description="NetKernel kernel-stack NSM (C fast path): tenants' sockets on Linux sockets")
-    parser.add_argument("--instance", default=None,
-                        help="instance name (default: $NETKERNEL_INSTANCE or 'default')")
-    parser.add_argument("--name", default="kernel", help="NSM name given to the CoreEngine")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s nsm[%(process)d] %(levelname)s %(message)s")
-    _raise_fd_limit()
+    args = ref_nsm.start(argv, prog="python -m netkernel.fastpath.nsm_kernel",
+                         description="NetKernel kernel-stack NSM (C fast path): "
+                                     "tenants' sockets on Linux sockets")
     # Signals: Python's C-level handler writes the wakeup fd at once, even while the
     # loop runs in C without the GIL; the loop stops when it becomes readable.
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from netkernel.reference.device import NQE_SLOT, RING_HEADER_SIZE, Geometry, RingId
+from netkernel.reference import ring as _ref
+from netkernel.reference.device import NQE_SLOT
 from netkernel.reference.ring import FLAGS, HEAD, NEED_WAKEUP, SLOTS, TAIL, U32, RingError
 
 from ._lib import ffi, lib
@@ -27,36 +28,26 @@ __all__ = ["FLAGS", "HEAD", "NEED_WAKEUP", "SLOTS", "TAIL", "U32", "Ring", "Ring
 _BATCH: Final = 64
 
 
-class Ring:
+class Ring(_ref.Ring):
     """A view of one ring inside a device region. Either side may hold one.
 
-    The producer calls :meth:`push`, the consumer :meth:`pop`; a process must
-    act as only one of the two for a given ring (RING-2).
+    The reference's :class:`~netkernel.reference.ring.Ring` (its checks of the
+    size and place, :meth:`of`) with every operation in C. The producer calls
+    :meth:`push`, the consumer :meth:`pop`; a process must act as only one of
+    the two for a given ring (RING-2).
     """
 
     def __init__(self, buf: memoryview, offset: int, entries: int) -> None:
-        if entries < 2 or entries & (entries - 1):
-            raise ValueError(f"ring entries must be a power of two >= 2, got {entries}")
-        if offset < 0 or offset + RING_HEADER_SIZE + entries * NQE_SLOT > len(buf):
-            raise ValueError("ring does not fit in the region")
+        super().__init__(buf, offset, entries)
         region = ffi.from_buffer(buf, require_writable=True)
         base = region + offset
         if int(ffi.cast("uintptr_t", base)) % 4:
             raise ValueError(f"ring at {offset:#x} is not 4-byte aligned: its indices are atomics")
-        self._buf = buf
         self._region = region  # keeps the buffer exported (mapped) while the ring lives
-        self._off = offset
-        self.entries = entries
-        self._mask = entries - 1
         self._r: Any = ffi.new("struct nk_ring *")
         # where pop_many copies NQEs out; one consumer per ring (RING-2), so one buffer
         self._dst: Any = ffi.new("char[]", min(entries, _BATCH) * NQE_SLOT)
         lib.nk_ring_init(self._r, base, entries)
-
-    @classmethod
-    def of(cls, buf: memoryview, geo: Geometry, qset: int, ring: RingId) -> Ring:
-        """The ring ``ring`` of queue set ``qset`` in a device region."""
-        return cls(buf, geo.ring_offset(qset, ring), geo.ring_entries)
 
     def _corrupt(self, extra: str = "") -> RingError:
         used = (self.tail - self.head) % U32

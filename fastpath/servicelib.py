@@ -1,6 +1,7 @@
 """ServiceLib in C: the NSM's device side, driven by ``nk_nsm_run`` (fastpath/csrc/nsm.c).
 
-The attach is the reference's (spec/runtime.md RT-3): one JSON line on
+The attach is the reference's (:func:`~netkernel.reference.servicelib.connect_nsm`,
+spec/runtime.md RT-3): one JSON line on
 ``engine.sock``, the answer names the NSM device, which is mapped and its
 header validated here in Python (DEV-2, DEV-12..DEV-14). From then on
 everything per NQE and per byte runs in C with the GIL released: the calls
@@ -13,7 +14,6 @@ of nsm.c for the threads and how the loop sleeps.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from netkernel.reference import device as dev
 from netkernel.reference import shm
-from netkernel.reference.servicelib import ATTACH_TIMEOUT, AttachError, _read_line
+from netkernel.reference.servicelib import ATTACH_TIMEOUT, AttachError, connect_nsm
 
 from ._lib import ffi, lib
 
@@ -50,29 +50,14 @@ def attach(runtime: Path, *, name: str = "kernel",
     The connection stays open for the device's lifetime: its EOF is how each
     side learns that the other is gone (RT-4, NSM-2).
     """
-    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        ctl.settimeout(timeout)
-        ctl.connect(str(runtime / shm.ENGINE_SOCK))
-        hello = {"cmd": "attach", "kind": "nsm", "pid": os.getpid(), "name": name}
-        ctl.sendall(json.dumps(hello).encode() + b"\n")
-        line = _read_line(ctl)
-        answer = json.loads(line)
-        if not isinstance(answer, dict) or not answer.get("ok"):
-            raise AttachError(f"the CoreEngine refused the attach: {line.decode().strip()}")
-        dmap = shm.open_device(Path(answer["path"]))
-        if dmap.geo.kind is not dev.Kind.NSM:
-            dmap.close()
-            raise AttachError(f"{answer['path']} is not an NSM device")
-    except (OSError, ValueError, KeyError, dev.DeviceError) as exc:
+    ctl, dmap, nsm_id = connect_nsm(runtime, name=name, timeout=timeout)
+    if dmap.geo.kind is not dev.Kind.NSM:
+        dmap.close()
         ctl.close()
-        raise AttachError(f"cannot attach to {runtime / shm.ENGINE_SOCK}: {exc}") from exc
-    except BaseException:
-        ctl.close()
-        raise
+        raise AttachError(f"{dmap.path} is not an NSM device")
     ctl.setblocking(False)
-    log.info("attached as NSM %s, device %s", answer["id"], answer["path"])
-    return Attachment(ctl, dmap, int(answer["id"]), runtime)
+    log.info("attached as NSM %s, device %s", nsm_id, dmap.path)
+    return Attachment(ctl, dmap, nsm_id, runtime)
 
 
 class ServiceLib:

@@ -8,8 +8,6 @@ header is validated by the C reader, and :meth:`DeviceMap.ring` and
 
 from __future__ import annotations
 
-import mmap
-import os
 from pathlib import Path
 
 from netkernel.reference import shm as _ref
@@ -28,7 +26,7 @@ from netkernel.reference.shm import (
 )
 
 from . import device as dev
-from .bell import Bell, buffer_address
+from .bell import Bell
 from .ring import Ring
 
 __all__ = ["DEFAULT_INSTANCE", "DEFAULT_ROOT", "DEVICE_SUFFIX", "ENGINE_SOCK", "PREFIX",
@@ -37,21 +35,17 @@ __all__ = ["DEFAULT_INSTANCE", "DEFAULT_ROOT", "DEVICE_SUFFIX", "ENGINE_SOCK", "
 
 
 class DeviceMap(_ref.DeviceMap):
-    """One NK device file mapped into this process; rings and bells are the C ones.
+    """One NK device file mapped into this process; the header codec, rings and bells are C.
 
     Rings and bells keep the mapping exported while they live, so :meth:`close`
     unmaps only once they are dropped (the reference's close tolerates that).
     """
 
-    def __init__(self, path: Path, fd: int, size: int, geo: dev.Geometry | None) -> None:
-        # the reference's constructor, with the C header reader (DEV-2, DEV-12..14, SEC-1)
-        self.path = path
-        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.buf = memoryview(self._mm)
-        self.base = buffer_address(self.buf)
-        self.geo = geo if geo is not None else dev.read_header(self.buf)
+    # the C header reader and writer (DEV-2, DEV-4, DEV-12..14, SEC-1)
+    read_header = staticmethod(dev.read_header)
+    init_header = staticmethod(dev.init_header)
 
-    def ring(self, qset: int, ring: dev.RingId) -> Ring:  # type: ignore[override]
+    def ring(self, qset: int, ring: dev.RingId) -> Ring:
         """A view of one ring of queue set ``qset``."""
         return Ring.of(self.buf, self.geo, qset, ring)
 
@@ -62,29 +56,10 @@ class DeviceMap(_ref.DeviceMap):
 
 def create_device(path: Path, geo: dev.Geometry, *, owner_pid: int = 0,
                   dev_id: int = 0) -> DeviceMap:
-    """Create a new device file, size it and write a fresh header in state INIT (DEV-4)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, geo.total_size)
-        m = DeviceMap(path, fd, geo.total_size, geo)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)  # the mapping keeps the file's pages
-    dev.init_header(m.buf, geo, owner_pid=owner_pid, dev_id=dev_id)
-    return m
+    """:meth:`DeviceMap.create` of the fast path's map: a new device file in state INIT (DEV-4)."""
+    return DeviceMap.create(path, geo, owner_pid=owner_pid, dev_id=dev_id)
 
 
 def open_device(path: Path | str) -> DeviceMap:
-    """Map an existing device file and validate its header (DEV-2, DEV-3, SEC-1)."""
-    path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        if size < dev.HEADER_SIZE:
-            raise dev.DeviceError(f"{path} has {size} bytes, less than a device header")
-        m = DeviceMap(path, fd, size, None)
-    finally:
-        os.close(fd)
-    return m
+    """:meth:`DeviceMap.open` of the fast path's map: header validated in C (DEV-2, SEC-1)."""
+    return DeviceMap.open(path)

@@ -32,9 +32,7 @@ import platform
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from typing import Final
-
-from .ring import Ring
+from typing import Final, Protocol
 
 #: Longest single sleep anywhere in the reference runtime (RING-7).
 MAX_SLEEP: Final = 0.05
@@ -48,6 +46,23 @@ CLOCK_MONOTONIC: Final = 1
 WAITV_MAX: Final = 128  # FUTEX_WAITV_MAX in the kernel
 WAKE_ALL: Final = 0x7FFF_FFFF
 U32: Final = 1 << 32
+
+
+class SleepingRing(Protocol):
+    """What the wake-up protocol uses of a ring (:class:`~netkernel.reference.ring.Ring`)."""
+
+    def consumer_sleeping(self) -> bool: ...
+    def prepare_sleep(self) -> bool: ...
+    def finish_sleep(self) -> None: ...
+
+
+class Wakeable(Protocol):
+    """What the wake-up protocol uses of a bell: :class:`Bell`, or the fast path's."""
+
+    def value(self) -> int: ...
+    def ring(self) -> int: ...
+    def wait(self, expected: int, timeout: float = MAX_SLEEP) -> bool: ...
+
 
 _u32 = struct.Struct("<I")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -176,7 +191,7 @@ def wait_any(bells: Sequence[tuple[Bell, int]], timeout: float = MAX_SLEEP) -> i
     raise OSError(err, f"futex_waitv: {os.strerror(err)}")
 
 
-def notify(ring: Ring, bell: Bell) -> bool:
+def notify(ring: SleepingRing, bell: Wakeable) -> bool:
     """Producer side, after a push: ring ``bell`` if the ring's consumer sleeps (RING-6)."""
     if ring.consumer_sleeping():
         bell.ring()
@@ -184,7 +199,8 @@ def notify(ring: Ring, bell: Bell) -> bool:
     return False
 
 
-def sleep_until_work(bell: Bell, rings: Iterable[Ring], timeout: float = MAX_SLEEP) -> bool:
+def sleep_until_work(bell: Wakeable, rings: Iterable[SleepingRing],
+                     timeout: float = MAX_SLEEP) -> bool:
     """Consumer side: sleep on ``bell`` unless one of ``rings`` has work (RING-6, RING-7).
 
     Returns True if it slept and was woken, False if it did not sleep (work was

@@ -596,9 +596,11 @@ def geometries(ring_entries: int | None = None,
 
 @contextlib.contextmanager
 def running(instance: str | None = None,
-            geometry: dict[dev.Kind, dev.Geometry] | None = None) -> Iterator[CoreEngine]:
-    """A CoreEngine in a thread of this process, for tests and ``netkernel demo``."""
-    ce = CoreEngine(instance, geometry)
+            geometry: dict[dev.Kind, dev.Geometry] | None = None, *,
+            engine_class: type[CoreEngine] = CoreEngine) -> Iterator[CoreEngine]:
+    """A CoreEngine (of ``engine_class``) in a thread of this process, for tests and
+    ``netkernel demo``."""
+    ce = engine_class(instance, geometry)
     ce.listen()
     thread = threading.Thread(target=ce.run, name="nk-coreengine", daemon=True)
     thread.start()
@@ -609,9 +611,14 @@ def running(instance: str | None = None,
         thread.join(timeout=5.0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m netkernel.reference.coreengine --instance NAME``."""
-    parser = argparse.ArgumentParser(prog="netkernel-coreengine")
+def main(argv: list[str] | None = None, *, engine_class: type[CoreEngine] = CoreEngine,
+         prog: str = "netkernel-coreengine", label: str = "CoreEngine") -> int:
+    """``python -m netkernel.reference.coreengine --instance NAME``.
+
+    The fast path's CoreEngine process is this with its ``engine_class`` (and its
+    ``prog`` and ``label`` for the help and the log).
+    """
+    parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--instance", default=None, help="instance name (NETKERNEL_INSTANCE)")
     parser.add_argument("--ring-entries", type=int, default=None, metavar="N",
                         help="NQE slots per ring of tenant devices (a power of two)")
@@ -625,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s coreengine %(levelname)s %(message)s")
-    ce = CoreEngine(args.instance, geometry)
+    ce = engine_class(args.instance, geometry)
     ce.listen()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -634,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("CoreEngine of instance %s serving %s", ce.instance, ce.dir / shm.ENGINE_SOCK)
+    log.info("%s of instance %s serving %s", label, ce.instance, ce.dir / shm.ENGINE_SOCK)
     ce.run()
     log.info("CoreEngine of instance %s stopped", ce.instance)
     return 0

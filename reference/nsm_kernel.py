@@ -792,11 +792,10 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m netkernel.reference.nsm_kernel --instance NAME``: attach and serve."""
-    parser = argparse.ArgumentParser(
-        prog="python -m netkernel.reference.nsm_kernel",
-        description="NetKernel kernel-stack NSM: serves tenants' sockets on Linux sockets")
+def start(argv: Sequence[str] | None, *, prog: str, description: str) -> argparse.Namespace:
+    """The NSM command line (``--instance``, ``--name``, ``--log-level``), logging set up
+    and the fd limit raised: the start shared by this NSM and the fast path's."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--instance", default=None,
                         help="instance name (default: $NETKERNEL_INSTANCE or 'default')")
     parser.add_argument("--name", default="kernel", help="NSM name given to the CoreEngine")
@@ -805,6 +804,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s nsm[%(process)d] %(levelname)s %(message)s")
     _raise_fd_limit()
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m netkernel.reference.nsm_kernel --instance NAME``: attach and serve."""
+    args = start(argv, prog="python -m netkernel.reference.nsm_kernel",
+                 description="NetKernel kernel-stack NSM: serves tenants' sockets on Linux sockets")
     try:
         runtime = shm.instance_dir(args.instance)
         lib = ServiceLib.attach(runtime, name=args.name)

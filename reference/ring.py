@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import struct
 import sys
-from typing import Final
+from typing import Final, Self
 
 from .device import NQE_SLOT, RING_HEADER_SIZE, Geometry, RingId
 
@@ -69,7 +69,7 @@ class Ring:
         self._mask = entries - 1
 
     @classmethod
-    def of(cls, buf: memoryview, geo: Geometry, qset: int, ring: RingId) -> Ring:
+    def of(cls, buf: memoryview, geo: Geometry, qset: int, ring: RingId) -> Self:
         """The ring ``ring`` of queue set ``qset`` in a device region."""
         return cls(buf, geo.ring_offset(qset, ring), geo.ring_entries)
 

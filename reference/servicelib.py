@@ -240,26 +240,10 @@ class ServiceLib:
         the CoreEngine learns that this NSM is gone, and how the NSM learns
         that the CoreEngine is (:meth:`control_lost`).
         """
-        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            ctl.settimeout(timeout)
-            ctl.connect(str(runtime / shm.ENGINE_SOCK))
-            hello = {"cmd": "attach", "kind": "nsm", "pid": os.getpid(), "name": name}
-            ctl.sendall(json.dumps(hello).encode() + b"\n")
-            line = _read_line(ctl)
-            answer = json.loads(line)
-            if not isinstance(answer, dict) or not answer.get("ok"):
-                raise AttachError(f"the CoreEngine refused the attach: {line.decode().strip()}")
-            dmap = shm.open_device(Path(answer["path"]))
-        except (OSError, ValueError, KeyError) as exc:
-            ctl.close()
-            raise AttachError(f"cannot attach to {runtime / shm.ENGINE_SOCK}: {exc}") from exc
-        except BaseException:
-            ctl.close()
-            raise
+        ctl, dmap, nsm_id = connect_nsm(runtime, name=name, timeout=timeout)
         ctl.setblocking(False)
-        log.info("attached as NSM %s, device %s", answer["id"], answer["path"])
-        return cls(dmap, runtime, control=ctl, nsm_id=int(answer["id"]))
+        log.info("attached as NSM %s, device %s", nsm_id, dmap.path)
+        return cls(dmap, runtime, control=ctl, nsm_id=nsm_id)
 
     def control_lost(self) -> bool:
         """Read the control connection: True once the CoreEngine has gone (EOF or error)."""
@@ -534,6 +518,35 @@ _CONTROL: Final[dict[int, Callable[[ServiceLib, Call, Stack], None]]] = {
     Op.TENANT_UNMAP: ServiceLib._tenant_unmap,
     Op.BUF_RETURN: ServiceLib._buf_return,
 }
+
+
+def connect_nsm(runtime: Path, *, name: str = "kernel", timeout: float = ATTACH_TIMEOUT,
+                ) -> tuple[socket.socket, shm.DeviceMap, int]:
+    """The NSM's attach (RT-3): the control connection, the mapped NSM device, the NSM ID.
+
+    One JSON line on ``runtime/engine.sock``; the answer names the device,
+    which is mapped here. AttachError if the CoreEngine cannot be reached or
+    refuses. The connection is left blocking, with ``timeout`` set.
+    """
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        ctl.settimeout(timeout)
+        ctl.connect(str(runtime / shm.ENGINE_SOCK))
+        hello = {"cmd": "attach", "kind": "nsm", "pid": os.getpid(), "name": name}
+        ctl.sendall(json.dumps(hello).encode() + b"\n")
+        line = _read_line(ctl)
+        answer = json.loads(line)
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            raise AttachError(f"the CoreEngine refused the attach: {line.decode().strip()}")
+        nsm_id = int(answer["id"])
+        dmap = shm.open_device(Path(answer["path"]))
+    except (OSError, ValueError, KeyError) as exc:
+        ctl.close()
+        raise AttachError(f"cannot attach to {runtime / shm.ENGINE_SOCK}: {exc}") from exc
+    except BaseException:
+        ctl.close()
+        raise
+    return ctl, dmap, nsm_id
 
 
 def _read_line(sock: socket.socket) -> bytes:

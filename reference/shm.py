@@ -28,7 +28,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
-from typing import Final
+from typing import Final, Self
 
 from . import device as dev
 from .bell import Bell, buffer_address
@@ -88,14 +88,53 @@ class DeviceMap:
     ``buf`` is a writable memoryview of the whole region; ``geo`` its
     validated geometry. Rings and bells are views into ``buf``; they become
     unusable (ValueError) once :meth:`close` has released the mapping.
+    :meth:`create` and :meth:`open` make one of the class they are called on
+    (the fast path's subclass swaps in its header codec, rings and bells).
     """
+
+    #: the header's reader and writer (DEV-2..DEV-4, SEC-1)
+    read_header = staticmethod(dev.read_header)
+    init_header = staticmethod(dev.init_header)
 
     def __init__(self, path: Path, fd: int, size: int, geo: dev.Geometry | None) -> None:
         self.path = path
         self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.buf = memoryview(self._mm)
         self.base = buffer_address(self.buf)
-        self.geo = geo if geo is not None else dev.read_header(self.buf)
+        self.geo = geo if geo is not None else self.read_header(self.buf)
+
+    @classmethod
+    def create(cls, path: Path, geo: dev.Geometry, *, owner_pid: int = 0,
+               dev_id: int = 0) -> Self:
+        """Create a new device file, size it and write a fresh header in state INIT (DEV-4).
+
+        Fails with FileExistsError rather than reuse a file someone else may map.
+        """
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, geo.total_size)
+            m = cls(path, fd, geo.total_size, geo)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)  # the mapping keeps the file's pages
+        m.init_header(m.buf, geo, owner_pid=owner_pid, dev_id=dev_id)
+        return m
+
+    @classmethod
+    def open(cls, path: Path | str) -> Self:
+        """Map an existing device file and validate its header (DEV-2, DEV-3, SEC-1)."""
+        path = Path(path)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size < dev.HEADER_SIZE:
+                raise dev.DeviceError(f"{path} has {size} bytes, less than a device header")
+            m = cls(path, fd, size, None)
+        finally:
+            os.close(fd)
+        return m
 
     def ring(self, qset: int, ring: dev.RingId) -> Ring:
         """A view of one ring of queue set ``qset``."""
@@ -142,32 +181,10 @@ class DeviceMap:
 
 def create_device(path: Path, geo: dev.Geometry, *, owner_pid: int = 0,
                   dev_id: int = 0) -> DeviceMap:
-    """Create a new device file, size it and write a fresh header in state INIT (DEV-4).
-
-    Fails with FileExistsError rather than reuse a file someone else may map.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, geo.total_size)
-        m = DeviceMap(path, fd, geo.total_size, geo)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)  # the mapping keeps the file's pages
-    dev.init_header(m.buf, geo, owner_pid=owner_pid, dev_id=dev_id)
-    return m
+    """:meth:`DeviceMap.create`: a new device file in state INIT (DEV-4)."""
+    return DeviceMap.create(path, geo, owner_pid=owner_pid, dev_id=dev_id)
 
 
 def open_device(path: Path | str) -> DeviceMap:
-    """Map an existing device file and validate its header (DEV-2, DEV-3, SEC-1)."""
-    path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        if size < dev.HEADER_SIZE:
-            raise dev.DeviceError(f"{path} has {size} bytes, less than a device header")
-        m = DeviceMap(path, fd, size, None)
-    finally:
-        os.close(fd)
-    return m
+    """:meth:`DeviceMap.open`: map an existing device file, header validated (DEV-2, SEC-1)."""
+    return DeviceMap.open(path)

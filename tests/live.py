@@ -5,7 +5,9 @@
   line by line over its stdin/stdout, killed at the end whatever happened;
 * :func:`own_instance`: a running instance under a unique name, stopped (and its
   files removed) afterwards, for tests that break their instance;
-* :func:`pids_of`, :func:`until`: what runs for an instance, polling with a deadline.
+* :func:`pids_of`, :func:`until`: what runs for an instance, polling with a deadline;
+* :func:`echo_server`, :func:`in_threads`: an echo server in a thread, work spread over
+  threads with what they raised collected.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -187,3 +190,38 @@ def tenant_entry(name: str, pid: int) -> dict[str, Any] | None:
             entry: dict[str, Any] = t
             return entry
     return None
+
+
+def echo_server(lst: Any, count: int = 1) -> threading.Thread:
+    """Echo every byte back on ``count`` connections accepted from ``lst`` (a kernel or a
+    GuestLib listening socket), in a daemon thread, started."""
+    def run() -> None:
+        for _ in range(count):
+            conn, _ = lst.accept()
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def in_threads(work: Callable[[int], None], count: int,
+               timeout: float | None = None) -> list[BaseException]:
+    """Run ``work(k)`` for ``k`` in ``range(count)``, each in a thread of its own, and join
+    them (each for at most ``timeout``); returns what they raised."""
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            work(k)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors

@@ -8,6 +8,7 @@ through its stdin so the tests can fill the CoreEngine's destination rings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -57,27 +58,43 @@ class Instance:
         return shm.instance_dir(self.name)
 
 
+def start_engine(module: str, name: str, log: Path, *args: str,
+                 env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``python -m MODULE --instance NAME ARGS`` (a CoreEngine, stderr appended to ``log``),
+    once it answers on engine.sock; the fast path's tests start theirs with it too."""
+    with open(log, "ab") as err:
+        proc = subprocess.Popen([sys.executable, "-m", module, "--instance", name, *args],
+                                stdin=subprocess.DEVNULL, stderr=err,
+                                env=None if env is None else {**os.environ, **env})
+    _until(f"{module} to answer on engine.sock", lambda: _answers(name) or
+           proc.poll() is not None)
+    assert proc.poll() is None, log.read_text()
+    return proc
+
+
+def stop_engine(proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
+    """SIGTERM (SIGKILL after 5 s), remove the instance's files, and print the log."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    shm.remove_instance(name)
+    sys.stderr.write(log.read_text())  # shown if the test failed
+
+
 @pytest.fixture
 def inst(tmp_path: Path) -> Iterator[Instance]:
     """A CoreEngine process on a fresh instance; killed and cleaned up afterwards."""
     name = f"t-ce-{uuid.uuid4().hex[:8]}"
-    with open(tmp_path / "engine.log", "wb") as log:  # read by pytest's report on failure
-        ce = subprocess.Popen([sys.executable, "-m", "netkernel.reference.coreengine",
-                               "--instance", name, "--ring-entries", str(TENANT_RING),
-                               "--nsm-ring-entries", str(NSM_RING)],
-                              stdin=subprocess.DEVNULL, stderr=log)
+    log = tmp_path / "engine.log"  # read by pytest's report on failure
+    ce = start_engine("netkernel.reference.coreengine", name, log, "--ring-entries",
+                      str(TENANT_RING), "--nsm-ring-entries", str(NSM_RING))
     try:
-        _until("engine.sock", lambda: _answers(name))
         yield Instance(name, ce)
     finally:
-        ce.send_signal(signal.SIGTERM)
-        try:
-            ce.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            ce.kill()
-            ce.wait()
-        shm.remove_instance(name)
-        sys.stderr.write((tmp_path / "engine.log").read_text())  # shown if the test failed
+        stop_engine(ce, name, log)
 
 
 def _answers(name: str) -> bool:
@@ -283,10 +300,11 @@ class FakeNsm:
         return self.proc.stdout.readline().split()
 
 
-@pytest.fixture
-def fake_nsm(inst: Instance) -> Iterator[FakeNsm]:
+@contextlib.contextmanager
+def running_fake_nsm(instance: str) -> Iterator[FakeNsm]:
+    """:data:`FAKE_NSM` attached to ``instance``, killed on the way out."""
     buf_size = str(coreengine.GEOMETRY[dev.Kind.TENANT].buf_size)
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_NSM, inst.name, buf_size], text=True,
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_NSM, instance, buf_size], text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
@@ -296,6 +314,12 @@ def fake_nsm(inst: Instance) -> Iterator[FakeNsm]:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def fake_nsm(inst: Instance) -> Iterator[FakeNsm]:
+    with running_fake_nsm(inst.name) as fake:
+        yield fake
 
 
 class Tenant:

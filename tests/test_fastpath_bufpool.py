@@ -10,7 +10,6 @@ An allocator that rounds sizes down is shown to be caught by that check.
 from __future__ import annotations
 
 import errno
-import threading
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from netkernel.fastpath import bufpool as fbuf
 from netkernel.reference import bufpool as rbuf
 from netkernel.reference import device as rdev
+from tests.live import in_threads
 
 U64 = 1 << 64
 
@@ -179,28 +179,19 @@ def test_threads_share_one_allocator_without_corrupting_it() -> None:
     """cffi drops the GIL in C calls; the wrapper's lock keeps the C pool consistent."""
     geo = rdev.Geometry(data_size=1 << 22, send_size=1 << 21, buf_size=64)
     pool = fbuf.SendAllocator(geo)
-    errors: list[BaseException] = []
 
     def churn(seed: int) -> None:
-        try:
-            mine = []
-            for i in range(3000):
-                span = pool.alloc(1 + (seed * 7919 + i * 104729) % 1000)
-                if span is not None:
-                    mine.append(span)
-                if len(mine) > 20:
-                    pool.free(mine.pop(i % len(mine)).offset)
-            for span in mine:
-                pool.free(span.offset)
-        except BaseException as exc:
-            errors.append(exc)
+        mine = []
+        for i in range(3000):
+            span = pool.alloc(1 + (seed * 7919 + i * 104729) % 1000)
+            if span is not None:
+                mine.append(span)
+            if len(mine) > 20:
+                pool.free(mine.pop(i % len(mine)).offset)
+        for span in mine:
+            pool.free(span.offset)
 
-    threads = [threading.Thread(target=churn, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert in_threads(churn, 4) == []
     assert pool.live() == [] and pool.free_bytes() == pool.capacity == pool.largest_free()
 
 

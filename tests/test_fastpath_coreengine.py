@@ -20,12 +20,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket as std
 import struct
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,6 +39,7 @@ from netkernel.reference import bell, coreengine, shm
 from netkernel.reference import device as dev
 from netkernel.reference.nqe import NQE, REPLY_BIT, Op, pack, unpack
 from tests import test_coreengine as base
+from tests.live import echo_server
 from tests.test_coreengine import (  # noqa: F401  (fixtures the reused tests request)
     NSM_RING,
     TENANT_RING,
@@ -50,6 +49,8 @@ from tests.test_coreengine import (  # noqa: F401  (fixtures the reused tests re
     _open_socket,
     _until,
     fake_nsm,
+    start_engine,
+    stop_engine,
     tenant,
 )
 
@@ -61,40 +62,17 @@ STREAM = std.AF_INET | std.SOCK_STREAM << 16
 DGRAM = std.AF_INET | std.SOCK_DGRAM << 16
 
 
-def _start(module: str, name: str, log: Path, *args: str,
-           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as err:
-        proc = subprocess.Popen([sys.executable, "-m", module, "--instance", name, *args],
-                                stdin=subprocess.DEVNULL, stderr=err,
-                                env=None if env is None else {**os.environ, **env})
-    _until(f"{module} to answer on engine.sock", lambda: base._answers(name) or
-           proc.poll() is not None)
-    assert proc.poll() is None, log.read_text()
-    return proc
-
-
-def _stop(proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    shm.remove_instance(name)
-    sys.stderr.write(log.read_text())  # shown if the test failed
-
-
 @pytest.fixture
 def inst(tmp_path: Path) -> Iterator[Instance]:
     """The fast-path CoreEngine on a fresh instance, with tests/test_coreengine.py's rings."""
     name = f"t-fce-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "engine.log"
-    ce = _start(FAST, name, log, "--ring-entries", str(TENANT_RING),
+    ce = start_engine(FAST, name, log, "--ring-entries", str(TENANT_RING),
                 "--nsm-ring-entries", str(NSM_RING))
     try:
         yield Instance(name, ce)
     finally:
-        _stop(ce, name, log)
+        stop_engine(ce, name, log)
 
 
 # -- tests/test_coreengine.py, against the fast-path process ------------------------------
@@ -133,7 +111,7 @@ def live(tmp_path: Path) -> Iterator[Callable[[str], str]]:
     def start(module: str, env: dict[str, str] | None = None) -> str:
         name = f"t-fce-{uuid.uuid4().hex[:8]}"
         log = tmp_path / f"{name}.log"
-        procs.append((_start(module, name, log, env=env), name, log))
+        procs.append((start_engine(module, name, log, env=env), name, log))
         with open(log, "ab") as err:
             nsm = subprocess.Popen([sys.executable, "-m", "netkernel.reference.nsm_kernel",
                                     "--instance", name], stdin=subprocess.DEVNULL, stderr=err)
@@ -143,22 +121,7 @@ def live(tmp_path: Path) -> Iterator[Callable[[str], str]]:
 
     yield start
     for proc, name, log in reversed(procs):
-        _stop(proc, name, log)
-
-
-def _echo_server() -> tuple[std.socket, threading.Thread]:
-    """A plain kernel TCP echo server on loopback, serving one connection."""
-    lst = std.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        conn, _ = lst.accept()
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    th = threading.Thread(target=serve, daemon=True)
-    th.start()
-    return lst, th
+        stop_engine(proc, name, log)
 
 
 #: A GuestLib tenant in its own process: echoes `size` random bytes through NetKernel to the
@@ -188,7 +151,8 @@ print(json.dumps({"same": bytes(got) == payload, "me": me}), flush=True)
 def test_bytes_cross_the_c_loop_to_the_kernel_nsm_and_back(live: Callable[..., str]) -> None:
     """GuestLib -> fast-path CoreEngine -> kernel NSM -> a real loopback socket, and back."""
     name = live(FAST)
-    lst, th = _echo_server()
+    lst = std.create_server(("127.0.0.1", 0))
+    th = echo_server(lst)
     size = 300_000
     try:
         done = subprocess.run([sys.executable, "-c", ECHO_CLIENT, name,
@@ -281,24 +245,8 @@ def _slow_tenant_scenario(inst: Instance, fake: FakeNsm) -> None:
 
 
 def test_a_tenant_that_stops_reading_holds_up_no_other(inst: Instance) -> None:
-    with _fake_nsm(inst) as fake:
+    with base.running_fake_nsm(inst.name) as fake:
         _slow_tenant_scenario(inst, fake)
-
-
-@contextlib.contextmanager
-def _fake_nsm(inst: Instance) -> Iterator[FakeNsm]:
-    """tests/test_coreengine.py's fake NSM, outside a fixture."""
-    buf_size = str(coreengine.GEOMETRY[dev.Kind.TENANT].buf_size)
-    proc = subprocess.Popen([sys.executable, "-c", base.FAKE_NSM, inst.name, buf_size],
-                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        word, nsm_id = proc.stdout.readline().split()
-        assert word == "ready"
-        yield FakeNsm(proc, int(nsm_id))
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -316,15 +264,15 @@ def test_the_isolation_test_fails_a_loop_that_stops_the_nsm_for_a_slow_tenant(
         tmp_path: Path, hold_all_build: str) -> None:
     name = f"t-fce-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "engine.log"
-    ce = _start(FAST, name, log, "--ring-entries", str(TENANT_RING), "--nsm-ring-entries",
+    ce = start_engine(FAST, name, log, "--ring-entries", str(TENANT_RING), "--nsm-ring-entries",
                 str(NSM_RING), env={"NETKERNEL_FASTPATH_EXT": hold_all_build})
     try:
         inst = Instance(name, ce)
-        with _fake_nsm(inst) as fake, pytest.raises(AssertionError) as failed:
+        with base.running_fake_nsm(inst.name) as fake, pytest.raises(AssertionError) as failed:
             _slow_tenant_scenario(inst, fake)
         assert "assert [] == [(" in str(failed.value), "not the SOCKET reply that failed"
     finally:
-        _stop(ce, name, log)
+        stop_engine(ce, name, log)
 
 
 # -- a broken ring -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Four layers, each beyond what ``pytest conformance --target fastpath`` covers:
   the same; a deliberately broken NSM is shown to be caught;
 * the entry point ``python -m netkernel.fastpath.nsm_kernel``: attach, serve
   across processes, exit 0 on SIGTERM and when the CoreEngine goes (NSM-2);
-* whole system: reference CoreEngine + reference GuestLib tenants in their own
+* whole system: the C CoreEngine + reference GuestLib tenants in their own
   processes + the C NSM: many MB through one connection intact, many
   connections at once, a tenant that dies with open sockets (NSM-12).
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import random
 import signal
@@ -45,15 +44,13 @@ from netkernel.reference.nqe import NQE, REPLY_BIT, Op
 from netkernel.reference.nsm_kernel import KernelNSM
 from netkernel.reference.servicelib import ServiceLib as RefServiceLib
 from tests import test_nsm_kernel as ref_tests
-from tests.live import Program, status, until
+from tests.live import Program, in_threads, status, until
 from tests.test_nsm_kernel import (
     DGRAM,
     LOOP,
     STREAM,
     FakeCoreEngine,
     connect,
-    echo,
-    kernel_server,
     opt,
     sockaddr_in,
     sockaddr_in6,
@@ -433,68 +430,23 @@ def test_the_differential_test_catches_a_wrong_errno(
 # -- 3. the entry point --------------------------------------------------------------------------
 
 
-class NSMProcess:
-    """``python -m netkernel.fastpath.nsm_kernel`` attached to a fake engine.sock."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        runtime = tmp_path / "t1"
-        runtime.mkdir()
-        self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.ctl.bind(str(runtime / shm.ENGINE_SOCK))
-        self.ctl.listen()
-        self.ctl.settimeout(10)
-        self.ce = FakeCoreEngine(runtime)
-        env = dict(os.environ, NETKERNEL_ROOT=str(tmp_path), PYTHONDONTWRITEBYTECODE="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "netkernel.fastpath.nsm_kernel",
-                                      "--instance", "t1"], env=env, stderr=subprocess.PIPE)
-        self.conn, _ = self.ctl.accept()
-        self.hello = json.loads(self.conn.makefile("rb").readline())
-        self.conn.sendall(json.dumps({"ok": True, "id": 1, "path": str(self.ce.nsm_path)})
-                          .encode() + b"\n")
-        assert self.ce.grant().result == 0
-
-    def close(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        assert self.proc.stderr is not None
-        err = self.proc.stderr.read().decode()
-        self.proc.stderr.close()
-        self.conn.close()
-        self.ce.close()
-        self.ctl.close()
-        return err
+FAST_NSM = "netkernel.fastpath.nsm_kernel"
 
 
-def test_entry_point_serves_across_processes_and_exits_with_its_coreengine(
-        tmp_path: Path) -> None:
-    nsm = NSMProcess(tmp_path)
-    try:
-        assert nsm.hello == {"cmd": "attach", "kind": "nsm", "pid": nsm.proc.pid,
-                             "name": "kernel"}
-        srv, port, t = kernel_server(echo)
-        connect(nsm.ce, 1, port)
-        for i in range(20):  # request/response: the NSM sleeps and is woken in between
-            msg = b"across processes %d" % i
-            assert nsm.ce.do(Op.SEND, 1, 0, msg) == len(msg)
-            assert nsm.ce.receive(1, len(msg)) == msg
-        bulk = random.Random(3).randbytes(1 << 20)
-        sends = [nsm.ce.post(Op.SEND, 1, 0, bulk[i:i + 32768])
-                 for i in range(0, len(bulk), 32768)]
-        assert nsm.ce.receive(1, len(bulk)) == bulk
-        assert sum(nsm.ce.reply(*p).result for p in sends) == len(bulk)
-        nsm.conn.close()  # the CoreEngine is gone (NSM-2)
-        assert nsm.proc.wait(timeout=2) == 0
-        t.join(2)
-        assert not t.is_alive(), "the NSM left the tenant's connection open"
-        srv.close()
-    finally:
-        err = nsm.close()
-    assert "Traceback" not in err, err
+@pytest.fixture
+def nsm_module() -> str:
+    """The entry-point tests of tests/test_nsm_kernel.py, reused below, start the C NSM."""
+    return FAST_NSM
+
+
+test_entry_point_attaches_and_exits_when_the_coreengine_goes = \
+    ref_tests.test_entry_point_attaches_and_exits_when_the_coreengine_goes
+test_entry_point_without_a_coreengine_fails_cleanly = \
+    ref_tests.test_entry_point_without_a_coreengine_fails_cleanly
 
 
 def test_entry_point_exits_0_on_sigterm_closing_every_socket(tmp_path: Path) -> None:
-    nsm = NSMProcess(tmp_path)
+    nsm = ref_tests.NSMProcess(tmp_path, FAST_NSM)
     try:
         with socket.create_server((LOOP, 0)) as srv:
             connect(nsm.ce, 1, srv.getsockname()[1])
@@ -510,25 +462,15 @@ def test_entry_point_exits_0_on_sigterm_closing_every_socket(tmp_path: Path) -> 
     assert "Traceback" not in err, err
 
 
-def test_entry_point_without_a_coreengine_fails_cleanly(tmp_path: Path) -> None:
-    env = dict(os.environ, NETKERNEL_ROOT=str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "netkernel.fastpath.nsm_kernel", "--instance",
-                        "none"], env=env, capture_output=True, timeout=20)
-    assert r.returncode == 1
-    assert b"cannot attach" in r.stderr and b"Traceback" not in r.stderr
-
-
-# -- 4. the whole system: reference CoreEngine and GuestLib, the C NSM ---------------------------
+# -- 4. the whole system: the C CoreEngine and NSM, the reference GuestLib -----------------
 
 
 @pytest.fixture(scope="module")
 def c_instance() -> Iterator[str]:
-    """An instance whose NSM is ours (``netkernel.instance.up`` with our module)."""
-    mp = pytest.MonkeyPatch()
-    mp.setitem(instance.NSM_MODULES, "fastpath", "netkernel.fastpath.nsm_kernel")
+    """A fast-path instance (``netkernel up --impl fastpath``): its NSM is ours."""
     name = f"test-fpnsm-{os.getpid()}"
     try:
-        instance.up(name, nsm="fastpath")
+        instance.up(name, impl="fastpath")
         nsm = status(name)["nsms"]
         assert len(nsm) == 1
         with open(f"/proc/{nsm[0]['pid']}/cmdline", "rb") as f:
@@ -536,7 +478,6 @@ def c_instance() -> Iterator[str]:
         yield name
     finally:
         instance.down(name)
-        mp.undo()
 
 
 @pytest.fixture
@@ -630,28 +571,20 @@ def test_many_connections_at_once(on_c: str) -> None:
     with its own bytes, interleaved over 8 threads."""
     with Program(ECHO, instance=on_c) as server:
         port = server.read()["port"]
-        errors: list[BaseException] = []
 
         def client(k: int) -> None:
-            try:
-                for j in range(8):
-                    msg = hashlib.sha256(b"%d/%d" % (k, j)).digest() * (64 + 32 * j)
-                    with guestlib.create_connection((LOOP, port), timeout=20) as c:
-                        c.sendall(msg)
-                        got = b""
-                        while len(got) < len(msg):
-                            chunk = c.recv(65536)
-                            assert chunk, "EOF before the echo was complete"
-                            got += chunk
-                        assert got == msg
-            except BaseException as exc:
-                errors.append(exc)
+            for j in range(8):
+                msg = hashlib.sha256(b"%d/%d" % (k, j)).digest() * (64 + 32 * j)
+                with guestlib.create_connection((LOOP, port), timeout=20) as c:
+                    c.sendall(msg)
+                    got = b""
+                    while len(got) < len(msg):
+                        chunk = c.recv(65536)
+                        assert chunk, "EOF before the echo was complete"
+                        got += chunk
+                    assert got == msg
 
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        errors = in_threads(client, 8, timeout=60)
         assert not errors, errors
         server.kill()
 

@@ -622,19 +622,6 @@ def test_no_instance_is_enetdown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 # -- end to end on a real instance -----------------------------------------------------------
 
-def _echo_server(lst: guestlib.socket, count: int = 1) -> threading.Thread:
-    def run() -> None:
-        for _ in range(count):
-            conn, _ = lst.accept()
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
 @pytest.mark.parametrize("family", [std.AF_INET, std.AF_INET6])
 def test_tcp_echo(nk_instance: str, family: int) -> None:
     host = "127.0.0.1" if family == std.AF_INET else "::1"
@@ -643,7 +630,7 @@ def test_tcp_echo(nk_instance: str, family: int) -> None:
         lst.bind((host, 0))
         lst.listen()
         port = lst.getsockname()[1]
-        server = _echo_server(lst)
+        server = live.echo_server(lst)
         with guestlib.socket(family) as c:
             c.settimeout(10)
             c.connect((host, port))
@@ -985,7 +972,7 @@ def test_forked_child_gets_a_device_of_its_own(nk_instance: str) -> None:
 def test_concurrent_connections(nk_instance: str) -> None:
     n = 50
     with guestlib.create_server(("127.0.0.1", 0), backlog=n) as lst:
-        server = _echo_server(lst, count=n)
+        server = live.echo_server(lst, count=n)
         results: list[bool] = []
 
         def client(i: int) -> None:
