@@ -370,21 +370,30 @@ static void check_alive(struct nk_tenant *t)
 	}
 }
 
-static void sleep_on_bell(struct nk_tenant *t, int64_t timeout_ns)
+/* Which rings a waiter wants to be woken for: a recv waits for RECEIVE only, so
+ * the reply to its own SEND (on COMPLETION) does not cost a wake-up; it is read at
+ * the next poll. COMPLETION cannot overflow meanwhile: at most ncalls requests are
+ * in flight, one ring's worth (SEC-5). */
+enum { WAKE_COMPLETION = 1, WAKE_RECEIVE = 2, WAKE_ANY = 3 };
+
+static void sleep_on_bell(struct nk_tenant *t, unsigned wake, int64_t timeout_ns)
 {
 	/* RING-6: read the bell before the re-check; a push after it changes the word */
 	uint32_t v = nk_bell_value(t->device_bell);
-	if (nk_ring_prepare_sleep(&t->completion) == 1 && nk_ring_prepare_sleep(&t->receive) == 1) {
+	if ((!(wake & WAKE_COMPLETION) || nk_ring_prepare_sleep(&t->completion) == 1) &&
+	    (!(wake & WAKE_RECEIVE) || nk_ring_prepare_sleep(&t->receive) == 1)) {
 		if (t->job.len || t->send.len) /* waiting for ring room: sleep briefly */
 			timeout_ns = timeout_ns < 1000000 ? timeout_ns : 1000000;
 		t->st.sleeps++;
 		nk_bell_wait(t->device_bell, v, timeout_ns); /* RING-7: always bounded */
 	}
-	nk_ring_finish_sleep(&t->completion);
-	nk_ring_finish_sleep(&t->receive);
+	if (wake & WAKE_COMPLETION)
+		nk_ring_finish_sleep(&t->completion);
+	if (wake & WAKE_RECEIVE)
+		nk_ring_finish_sleep(&t->receive);
 }
 
-int nk_tenant_wait(struct nk_tenant *t, int64_t timeout_ns)
+static int wait_for(struct nk_tenant *t, unsigned wake, int64_t timeout_ns)
 {
 	if (t->dead)
 		return -t->dead;
@@ -403,18 +412,23 @@ int nk_tenant_wait(struct nk_tenant *t, int64_t timeout_ns)
 	}
 	if (timeout_ns < 0 || timeout_ns > SLEEP_SLICE_NS)
 		timeout_ns = SLEEP_SLICE_NS;
-	sleep_on_bell(t, timeout_ns);
+	sleep_on_bell(t, wake, timeout_ns);
 	n = nk_tenant_poll(t);
 	if (n == 0)
 		check_alive(t);
 	return t->dead ? -t->dead : n;
 }
 
+int nk_tenant_wait(struct nk_tenant *t, int64_t timeout_ns)
+{
+	return wait_for(t, WAKE_ANY, timeout_ns);
+}
+
 /* Block until call `tag` is answered; its result (its buffer is the caller's to read). */
 static int64_t call_wait(struct nk_tenant *t, uint32_t tag)
 {
 	while (!t->calls[tag].done) {
-		int rc = nk_tenant_wait(t, -1);
+		int rc = wait_for(t, WAKE_COMPLETION, -1);
 		if (rc < 0)
 			return rc;
 	}
@@ -428,7 +442,7 @@ static int alloc_wait(struct nk_tenant *t, uint64_t size, uint64_t *off)
 		int rc = nk_bufpool_alloc(t->pool, size, off);
 		if (rc != -ENOSPC)
 			return rc;
-		if ((rc = nk_tenant_wait(t, -1)) < 0)
+		if ((rc = wait_for(t, WAKE_COMPLETION, -1)) < 0)
 			return rc;
 	}
 }
@@ -439,7 +453,7 @@ static int call_new_wait(struct nk_tenant *t, uint8_t op, uint32_t sock_id, bool
 		int tag = call_new(t, op, sock_id, data);
 		if (tag >= 0)
 			return tag;
-		int rc = nk_tenant_wait(t, -1);
+		int rc = wait_for(t, WAKE_COMPLETION, -1);
 		if (rc < 0)
 			return rc;
 	}
@@ -709,7 +723,7 @@ ssize_t nk_tenant_send(struct nk_tenant *t, int s, const void *buf, size_t len, 
 		if (len == 0)
 			return 0;
 		if (k->sends >= t->max_sends) { /* the socket buffer is full: wait for replies */
-			int rc = nk_tenant_wait(t, -1);
+			int rc = wait_for(t, WAKE_COMPLETION, -1);
 			if (rc < 0)
 				return done ? (ssize_t)done : rc;
 			continue;
@@ -721,7 +735,7 @@ ssize_t nk_tenant_send(struct nk_tenant *t, int s, const void *buf, size_t len, 
 		if (rc == 0 && tag < 0)
 			nk_bufpool_free(t->pool, off, NULL);
 		if (rc == -ENOSPC || tag == -EAGAIN) { /* BUF-7: wait for a reply to free one */
-			if ((rc = nk_tenant_wait(t, -1)) < 0)
+			if ((rc = wait_for(t, WAKE_COMPLETION, -1)) < 0)
 				return done ? (ssize_t)done : rc;
 			continue;
 		}
@@ -768,7 +782,7 @@ ssize_t nk_tenant_recv(struct nk_tenant *t, int s, void *buf, size_t len, int fl
 			return 0;
 		if (k->err)
 			return -take_error(k);
-		int rc = nk_tenant_wait(t, -1);
+		int rc = wait_for(t, WAKE_RECEIVE, -1);
 		if (rc < 0)
 			return rc;
 	}
@@ -779,7 +793,7 @@ static int drain_sends(struct nk_tenant *t, int s)
 {
 	struct sock *k;
 	while ((k = live(t, s)) && k->sends) {
-		int rc = nk_tenant_wait(t, -1);
+		int rc = wait_for(t, WAKE_COMPLETION, -1);
 		if (rc < 0)
 			return rc;
 	}
