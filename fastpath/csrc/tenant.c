@@ -829,6 +829,17 @@ int nk_tenant_close(struct nk_tenant *t, int s)
 		sock_forget(t, (uint32_t)s);
 		return 0;
 	}
+	/* A synchronous tenant makes progress only inside its calls: wait (bounded, GL-10)
+	 * for the socket's SEND replies so that CLOSE leaves now, not at the next call. */
+	int64_t deadline = now_ns() + NK_TENANT_EXIT_NS;
+	while (k->sends && !t->dead && now_ns() < deadline) {
+		wait_for(t, WAKE_COMPLETION, deadline - now_ns());
+		k = sock_of(t, (uint32_t)s);
+	}
+	if (t->dead) {
+		sock_forget(t, (uint32_t)s);
+		return 0;
+	}
 	if (k->sends == 0)
 		send_close(t, (uint32_t)s, k); /* else the last SEND reply sends it */
 	else

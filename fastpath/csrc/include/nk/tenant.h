@@ -78,8 +78,10 @@ ssize_t nk_tenant_send(struct nk_tenant *t, int s, const void *buf, size_t len, 
 ssize_t nk_tenant_recv(struct nk_tenant *t, int s, void *buf, size_t len, int flags);
 /* SHUT_WR/RDWR wait for the socket's SENDs first: SHUTDOWN on JOB would overtake them. */
 int nk_tenant_shutdown(struct nk_tenant *t, int s, int how);
-/* Like close(2), does not wait: received buffers go back at once, CLOSE follows the
- * socket's last SEND reply, with ABORT if received data was never read (GL-2, NSM-8). */
+/* Received buffers go back at once; CLOSE follows the socket's last SEND reply, with
+ * ABORT if received data was never read (GL-2, NSM-8). The tenant makes progress only
+ * inside its calls, so close waits (up to NK_TENANT_EXIT_NS) for those replies, as
+ * close(2) with SO_LINGER would; past that the CLOSE leaves at a later call or exit. */
 int nk_tenant_close(struct nk_tenant *t, int s);
 
 /* Wait for progress: poll COMPLETION and RECEIVE, spin, then sleep on the DEVICE
