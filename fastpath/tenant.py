@@ -31,7 +31,7 @@ def _check(rc: int) -> int:
     return rc
 
 
-def _sockaddr(family: int, address: Address) -> Any:
+def _sockaddr(family: int, address: Address) -> tuple[Any, int]:
     """The Linux sockaddr bytes of ``(host, port)`` (NQE-15), as a cffi buffer."""
     host, port = address
     if family == _std.AF_INET:
@@ -127,7 +127,8 @@ class Tenant:
     def recv(self, s: int, size: int) -> bytes:
         buf = ffi.new("char[]", max(size, 1))
         n = _check(lib.nk_tenant_recv(self.ptr, s, buf, size, 0))
-        return ffi.buffer(buf, n)[:]
+        data: bytes = ffi.buffer(buf, n)[:]
+        return data
 
     def shutdown(self, s: int, how: int) -> None:
         _check(lib.nk_tenant_shutdown(self.ptr, s, how))
