@@ -45,7 +45,7 @@ from bench.runtime import PATHS, BenchError, Figure, _line, _what, format_table
 
 WORKER_TIMEOUT_SLACK: Final = 60.0
 GOALS: Final = {"bulk": 0.8, "rr": 0.7}
-ROLES: Final = ("bulk-recv", "bulk-send", "rr-server", "rr-client")
+ROLES: Final = ("bulk-recv", "bulk-send", "rr-server", "rr-client", "call-rtt")
 
 
 # -- the workers (one process each) -------------------------------------------------------------
@@ -91,6 +91,8 @@ def worker_main(argv: list[str]) -> int:
             rc = lib.nk_bench_bulk_recv(t, listener, max(65536, a.size), 0, r)
         else:
             rc = lib.nk_bench_rr_server(t, listener, a.size, r)
+    elif a.role == "call-rtt":
+        rc = lib.nk_bench_call_rtt(t, a.size, r)
     elif a.role == "bulk-send":
         rc = lib.nk_bench_bulk_send(t, a.port, a.size, a.seconds, 0, 0, r)
     else:
@@ -165,6 +167,7 @@ class Breakdown:
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, float]] = {}
+        self.notes: list[str] = []
 
     def add(self, name: str, messages: float, docs: dict[str, dict[str, Any]],
             daemons: dict[str, float]) -> None:
@@ -182,6 +185,7 @@ class Breakdown:
                  " or per round trip):"]
         for name, row in self.rows.items():
             lines.append(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
+        lines.extend(f"  {note}" for note in self.notes)
         return "\n".join(lines)
 
 
@@ -224,6 +228,23 @@ def rr(path: str, instance: str, size: int, seconds: float, spin: int,
     return float(client["count"]) / float(client["seconds"])
 
 
+def call_rtt(instance: str, calls: int, spin: int) -> float:
+    """Seconds per NetKernel request round trip (GETSOCKNAME: tenant, CoreEngine, NSM, back)."""
+    proc = _spawn("call-rtt", "netkernel", instance, "--size", str(calls), "--spin-ns", str(spin))
+    try:
+        doc = _line(proc, WORKER_TIMEOUT_SLACK)
+        if proc.wait(WORKER_TIMEOUT_SLACK) != 0:
+            raise BenchError(f"{_what(proc)} exited with {proc.returncode}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    return float(doc["seconds"]) / max(1, int(doc["count"]))
+
+
 def measure(args: argparse.Namespace, instance: str, brk: Breakdown,
             say: Callable[[str], None] = print) -> tuple[list[Figure], list[Figure]]:
     """The two goals, the paths alternating within each round; then the spin sweep."""
@@ -256,6 +277,14 @@ def measure(args: argparse.Namespace, instance: str, brk: Breakdown,
             say(f"  spin {other:>8} ns  {fig.name:<24}"
                 f"  NetKernel {f.value('netkernel') / f.scale:>10,.1f} {f.unit}")
             sweep.append(f)
+    rtt = call_rtt(instance, max(100, int(args.seconds * 5000)), spin)
+    brk.notes.append(f"one NetKernel request round trip (GETSOCKNAME, tenant -> CoreEngine -> NSM"
+                     f" -> CoreEngine -> tenant): {rtt * 1e6:.1f} us")
+    if "rr" in figs:
+        direct = 1e6 / figs["rr"].value("direct")
+        nk = 1e6 / figs["rr"].value("netkernel")
+        brk.notes.append(f"one 64 B round trip: direct {direct:.1f} us, NetKernel {nk:.1f} us"
+                         f" (it crosses the CoreEngine 4 times and the NSM twice)")
     return list(figs.values()), sweep
 
 

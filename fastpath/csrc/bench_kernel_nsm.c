@@ -285,3 +285,19 @@ int nk_bench_rr_client(struct nk_tenant *t, uint16_t port, uint32_t size, double
 	free(buf);
 	return rc;
 }
+
+int nk_bench_call_rtt(struct nk_tenant *t, uint32_t calls, struct nk_bench_result *r)
+{
+	memset(r, 0, sizeof(*r));
+	struct sockaddr_in a = loopback(0);
+	int s = x_socket(t), rc = 0;
+	if (s < 0)
+		return s;
+	double start = now_s();
+	for (uint32_t i = 0; i < calls && rc == 0; i++)
+		if ((rc = x_getsockname(t, s, &a)) == 0)
+			r->count++;
+	r->seconds = now_s() - start;
+	x_close(t, s);
+	return rc;
+}

@@ -52,3 +52,4 @@ int nk_bench_rr_server(struct nk_tenant *t, int listener, uint32_t size,
 		       struct nk_bench_result *r);
 int nk_bench_rr_client(struct nk_tenant *t, uint16_t port, uint32_t size, double seconds,
 		       struct nk_bench_result *r);
+int nk_bench_call_rtt(struct nk_tenant *t, uint32_t calls, struct nk_bench_result *r);

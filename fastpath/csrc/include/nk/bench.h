@@ -34,4 +34,8 @@ int nk_bench_rr_server(struct nk_tenant *t, int listener, uint32_t size,
 int nk_bench_rr_client(struct nk_tenant *t, uint16_t port, uint32_t size, double seconds,
 		       struct nk_bench_result *r);
 
+/* `calls` GETSOCKNAMEs in a row: one request's round trip through the CoreEngine and
+ * the NSM and back (netkernel), or one getsockname(2) (direct). */
+int nk_bench_call_rtt(struct nk_tenant *t, uint32_t calls, struct nk_bench_result *r);
+
 #endif
