@@ -33,6 +33,7 @@ struct rx {
 
 struct sock {
 	bool used, closed, close_sent, fin, unread;
+	bool broken;           /* a send failed: every later send is EPIPE (SOCK-6) */
 	int err;               /* pending asynchronous error (SO_ERROR), as errno */
 	uint32_t sends;        /* SENDs in flight */
 	uint64_t acceptable;   /* EV_ACCEPTABLE's count: a hint only */
@@ -713,12 +714,11 @@ ssize_t nk_tenant_send(struct nk_tenant *t, int s, const void *buf, size_t len, 
 	while (done < len || len == 0) {
 		if ((k = live(t, s)) == NULL)
 			return done ? (ssize_t)done : -EBADF;
-		if (k->err) { /* SOCK-6: a reset connection, then EPIPE */
+		if (k->err || k->broken) { /* SOCK-6: the error once, then EPIPE */
 			if (done)
 				return (ssize_t)done; /* the error is the next call's */
-			int e = take_error(k);
-			k->err = e == EPIPE ? 0 : EPIPE;
-			return -e;
+			k->broken = true;
+			return k->err ? -take_error(k) : -EPIPE;
 		}
 		if (len == 0)
 			return 0;
@@ -780,8 +780,10 @@ ssize_t nk_tenant_recv(struct nk_tenant *t, int s, void *buf, size_t len, int fl
 		}
 		if (k->fin)
 			return 0;
-		if (k->err)
+		if (k->err) {
+			k->broken = true; /* a reset: later sends are EPIPE (SOCK-6) */
 			return -take_error(k);
+		}
 		int rc = wait_for(t, WAKE_RECEIVE, -1);
 		if (rc < 0)
 			return rc;
@@ -818,23 +820,20 @@ int nk_tenant_close(struct nk_tenant *t, int s)
 	struct sock *k = live(t, s);
 	if (!k)
 		return -EBADF;
+	/* A synchronous tenant makes progress only inside its calls: wait (bounded, GL-10)
+	 * for the socket's SEND replies so that CLOSE leaves now, not at the next call.
+	 * The socket stays open meanwhile, so no reply sends a CLOSE behind our back. */
+	int64_t deadline = now_ns() + NK_TENANT_EXIT_NS;
+	while (k->sends && !t->dead && now_ns() < deadline) {
+		wait_for(t, WAKE_COMPLETION, deadline - now_ns());
+		k = sock_of(t, (uint32_t)s); /* socks may have moved; ours is not forgotten */
+	}
 	k->closed = true;
-	for (; k->rx_len; k->rx_len--) { /* received buffers go back at once */
+	for (; k->rx_len; k->rx_len--) { /* received buffers go back at once (BUF-4) */
 		struct rx *r = &k->rx[k->rx_head];
 		k->unread = k->unread || r->pos < r->size;
 		buf_return(t, r->off, r->size);
 		k->rx_head = (k->rx_head + 1) % k->rx_cap;
-	}
-	if (t->dead) {
-		sock_forget(t, (uint32_t)s);
-		return 0;
-	}
-	/* A synchronous tenant makes progress only inside its calls: wait (bounded, GL-10)
-	 * for the socket's SEND replies so that CLOSE leaves now, not at the next call. */
-	int64_t deadline = now_ns() + NK_TENANT_EXIT_NS;
-	while (k->sends && !t->dead && now_ns() < deadline) {
-		wait_for(t, WAKE_COMPLETION, deadline - now_ns());
-		k = sock_of(t, (uint32_t)s);
 	}
 	if (t->dead) {
 		sock_forget(t, (uint32_t)s);
