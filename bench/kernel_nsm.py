@@ -310,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds, paths alternating; the median is reported (default 1)")
     p.add_argument("--msg-size", type=int, default=8192, help="bulk message size (8192)")
     p.add_argument("--rr-size", type=int, default=64, help="request/response size (64)")
-    p.add_argument("--spin-ns", type=_spins, default=[5000],
+    p.add_argument("--spin-ns", type=_spins, default=[0],
                    help="the tenant's spin budget before it sleeps, ns; a list (e.g."
-                        " 5000,0,20000) also measures NetKernel with the others")
+                        " 0,5000,20000) also measures NetKernel with the others")
     p.add_argument("--only", choices=["bulk", "rr"], help="run one of the two benchmarks")
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = p.parse_args(argv)

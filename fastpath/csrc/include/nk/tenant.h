@@ -36,7 +36,9 @@ struct nk_tenant_opts {
 	int control_fd;     /* engine.sock, checked for EOF while sleeping (-1: none) */
 };
 
-#define NK_TENANT_SPIN_NS_DEFAULT 5000 /* best of 0/5/20/100 us on 2 cores (bench.kernel_nsm) */
+/* No spin beyond one poll and RING-6's re-check: on 2 cores with 4 processes in the run,
+ * 0 beat 2, 5, 20 and 100 us in every alternated bench.kernel_nsm pair (RR ~25% over 5 us). */
+#define NK_TENANT_SPIN_NS_DEFAULT 0
 #define NK_TENANT_MAX_SENDS_DEFAULT 64
 #define NK_TENANT_EXIT_NS 5000000000LL /* GL-10: how long nk_tenant_exit waits for SENDs/CLOSEs */
 
