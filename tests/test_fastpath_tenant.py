@@ -198,6 +198,29 @@ def test_accept_on_a_socket_that_does_not_listen_is_einval(fast_instance: str) -
         t.close_socket(s)
 
 
+def test_closing_with_unread_data_resets_the_peer(fast_instance: str) -> None:
+    """GL-2, NSM-8: CLOSE carries ABORT when received data was never read; the peer's
+    recv fails ECONNRESET, and its sends are EPIPE from then on (SOCK-6)."""
+    with time_limit(60), Tenant(fast_instance) as a, Tenant(fast_instance) as b:
+        lsock, port = _listener(a)
+        th, out = _in_thread(lambda: a.accept(lsock)[0])
+        s = b.socket()
+        b.connect(s, ("127.0.0.1", port))
+        c = _joined(th, out)
+        b.send(s, b"never read")
+        while a.stats()["events"] == 0:  # the EV_DATA is in the tenant, unread
+            lib.nk_tenant_wait(a.ptr, 10_000_000)
+        a.close_socket(c)
+        with pytest.raises(OSError) as reset:
+            b.recv(s, 100)
+        assert reset.value.errno == errno.ECONNRESET
+        with pytest.raises(OSError) as pipe:
+            b.send(s, b"more")
+        assert pipe.value.errno == errno.EPIPE
+        b.close_socket(s)
+        a.close_socket(lsock)
+
+
 def test_bench_kernel_nsm_runs_and_prints_consistent_ratios() -> None:
     run = subprocess.run([sys.executable, "-m", "bench.kernel_nsm", "--seconds", "0.3"],
                          capture_output=True, text=True, timeout=180, cwd=ROOT)
