@@ -69,6 +69,7 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--size", type=int, default=8192)
     p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--spin-ns", type=int, default=-1)
+    p.add_argument("--send-batch", type=int, default=0)
     a = p.parse_args(argv)
     from netkernel.fastpath._lib import ffi, lib
 
@@ -76,7 +77,8 @@ def worker_main(argv: list[str]) -> int:
     if a.path == "netkernel":
         from netkernel.fastpath.tenant import Tenant
 
-        tenant = Tenant(os.environ["NETKERNEL_INSTANCE"], spin_ns=a.spin_ns)
+        tenant = Tenant(os.environ["NETKERNEL_INSTANCE"], spin_ns=a.spin_ns,
+                        send_batch=a.send_batch)
     t = tenant.ptr if tenant is not None else ffi.NULL
     r = ffi.new("struct nk_bench_result *")
     cpu0 = _cpu_self()
@@ -197,10 +199,10 @@ def _measured(run: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
 
 
 def bulk(path: str, instance: str, size: int, seconds: float, spin: int,
-         pids: dict[str, int], brk: Breakdown | None) -> float:
+         pids: dict[str, int], brk: Breakdown | None, batch: int = 0) -> float:
     """Bytes per second through one TCP connection, ``size``-byte writes."""
     timeout = seconds + WORKER_TIMEOUT_SLACK
-    extra = ["--spin-ns", str(spin)]
+    extra = ["--spin-ns", str(spin), "--send-batch", str(batch)]
     recv, sent, daemons = _measured(lambda: _pair(
         "bulk-recv", "bulk-send", path, instance, ["--size", str(size), *extra],
         ["--size", str(size), "--seconds", str(seconds), *extra], timeout), pids)
@@ -213,10 +215,10 @@ def bulk(path: str, instance: str, size: int, seconds: float, spin: int,
 
 
 def rr(path: str, instance: str, size: int, seconds: float, spin: int,
-       pids: dict[str, int], brk: Breakdown | None) -> float:
+       pids: dict[str, int], brk: Breakdown | None, batch: int = 0) -> float:
     """Round trips per second of ``size``-byte request/response on one TCP connection."""
     timeout = seconds + WORKER_TIMEOUT_SLACK
-    extra = ["--spin-ns", str(spin)]
+    extra = ["--spin-ns", str(spin), "--send-batch", str(batch)]
     server, client, daemons = _measured(lambda: _pair(
         "rr-server", "rr-client", path, instance, ["--size", str(size), *extra],
         ["--size", str(size), "--seconds", str(seconds), *extra], timeout), pids)
@@ -262,7 +264,7 @@ def measure(args: argparse.Namespace, instance: str, brk: Breakdown,
             for path in PATHS:
                 brk_here = brk if path == "netkernel" else None
                 fig.samples[path].append(kinds[kind](path, instance, sizes[kind], args.seconds,
-                                                     spin, pids, brk_here))
+                                                     spin, pids, brk_here, args.send_batch))
             say(f"  round {rnd + 1}/{args.rounds}  {fig.name:<24}"
                 f" direct {fig.samples['direct'][-1] / fig.scale:>10,.1f}"
                 f"  NetKernel {fig.samples['netkernel'][-1] / fig.scale:>10,.1f} {fig.unit}")
@@ -273,7 +275,8 @@ def measure(args: argparse.Namespace, instance: str, brk: Breakdown,
                        {"direct": fig.samples["direct"], "netkernel": []})
             for _ in range(args.rounds):
                 f.samples["netkernel"].append(kinds[kind]("netkernel", instance, sizes[kind],
-                                                          args.seconds, other, pids, brk))
+                                                          args.seconds, other, pids, brk,
+                                                          args.send_batch))
             say(f"  spin {other:>8} ns  {fig.name:<24}"
                 f"  NetKernel {f.value('netkernel') / f.scale:>10,.1f} {f.unit}")
             sweep.append(f)
@@ -313,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spin-ns", type=_spins, default=[0],
                    help="the tenant's spin budget before it sleeps, ns; a list (e.g."
                         " 0,5000,20000) also measures NetKernel with the others")
+    p.add_argument("--send-batch", type=int, default=0,
+                   help="the tenant publishes SENDs once this many are queued or before it"
+                        " waits (default 0: at the end of every send call)")
     p.add_argument("--only", choices=["bulk", "rr"], help="run one of the two benchmarks")
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = p.parse_args(argv)

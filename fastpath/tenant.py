@@ -54,13 +54,14 @@ class Tenant:
     """One attached tenant device driven by the C tenant (one thread at a time)."""
 
     def __init__(self, instance: str | None = None, *, spin_ns: int = -1,
-                 max_sends: int = 0) -> None:
+                 max_sends: int = 0, send_batch: int = 0) -> None:
         self.control, self.vm_id, path = _attach(shm.instance_name(instance))
         try:
             self.map = shm.open_device(path)
             self._buf = ffi.from_buffer(self.map.buf, require_writable=True)
             opts = ffi.new("struct nk_tenant_opts *", {
-                "spin_ns": spin_ns, "max_sends": max_sends, "control_fd": self.control.fileno()})
+                "spin_ns": spin_ns, "max_sends": max_sends, "control_fd": self.control.fileno(),
+                "send_batch": send_batch})
             out = ffi.new("struct nk_tenant **")
             _check(lib.nk_tenant_init(out, self._buf, len(self.map.buf), opts))
         except BaseException:

@@ -69,7 +69,7 @@ struct nk_tenant {
 	struct sock *socks;  /* socks[id - 1] */
 	uint32_t nsocks, next_id;
 	int64_t spin_ns;
-	uint32_t max_sends;
+	uint32_t max_sends, send_batch;
 	int control_fd;
 	int dead;  /* errno once the CoreEngine is gone (GL-9) */
 	struct nk_tenant_stats st;
@@ -235,13 +235,21 @@ static void call_free(struct nk_tenant *t, uint32_t tag)
 	t->free_tags[t->nfree++] = tag;
 }
 
-static int publish(struct nk_tenant *t, uint32_t tag, uint64_t op_data)
+/* Queue call `tag`'s request in the outbox of its ring (DEV-8); published at the
+ * next flush. */
+static int queue_call(struct nk_tenant *t, uint32_t tag, uint64_t op_data, struct outbox **box)
 {
 	struct call *c = &t->calls[tag];
 	struct nk_nqe n = { .op = c->op, .qset = QSET, .sock_id = c->sock_id, .op_data = op_data,
 			    .data_ptr = c->size ? c->buf : 0, .size = c->size, .tag = (uint16_t)tag };
-	struct outbox *b = c->op == NK_OP_SEND ? &t->send : &t->job; /* DEV-8 */
-	int rc = outbox_add(b, &n);
+	*box = c->op == NK_OP_SEND ? &t->send : &t->job;
+	return outbox_add(*box, &n);
+}
+
+static int publish(struct nk_tenant *t, uint32_t tag, uint64_t op_data)
+{
+	struct outbox *b;
+	int rc = queue_call(t, tag, op_data, &b);
 	return rc < 0 ? rc : outbox_flush(t, b);
 }
 
@@ -517,6 +525,7 @@ int nk_tenant_init(struct nk_tenant **out, void *base, uint64_t len,
 	t->data = (char *)base + nk_geo_data_offset(&g);
 	t->spin_ns = opts && opts->spin_ns >= 0 ? opts->spin_ns : NK_TENANT_SPIN_NS_DEFAULT;
 	t->max_sends = opts && opts->max_sends ? opts->max_sends : NK_TENANT_MAX_SENDS_DEFAULT;
+	t->send_batch = opts && opts->send_batch ? opts->send_batch : 1;
 	t->control_fd = opts ? opts->control_fd : -1;
 	char *q = t->base;
 	nk_ring_init(&t->job.ring, q + nk_geo_ring_offset(&g, QSET, NK_RING_JOB), g.ring_entries);
@@ -746,10 +755,15 @@ ssize_t nk_tenant_send(struct nk_tenant *t, int s, const void *buf, size_t len, 
 		c->buf = off;
 		c->size = (uint32_t)chunk;
 		k->sends++;
-		if ((rc = publish(t, (uint32_t)tag, wire_flags)) < 0)
+		struct outbox *b;
+		if ((rc = queue_call(t, (uint32_t)tag, wire_flags, &b)) < 0)
 			return done ? (ssize_t)done : rc;
 		done += chunk;
 	}
+	/* one tail store and one bell check for the whole call; with send_batch > 1 the
+	 * SENDs wait for more (or for the next wait, which flushes) like MSG_MORE */
+	if (t->send.len >= t->send_batch)
+		outbox_flush(t, &t->send);
 	return (ssize_t)done;
 }
 

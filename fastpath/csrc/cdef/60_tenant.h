@@ -6,6 +6,7 @@ struct nk_tenant_opts {
 	int64_t spin_ns;
 	uint32_t max_sends;
 	int control_fd;
+	uint32_t send_batch;
 };
 struct nk_tenant_stats {
 	uint64_t requests;

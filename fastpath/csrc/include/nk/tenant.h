@@ -34,6 +34,8 @@ struct nk_tenant_opts {
 	int64_t spin_ns;    /* poll this long before sleeping on the DEVICE bell (< 0: default) */
 	uint32_t max_sends; /* SENDs in flight per socket (0: default) */
 	int control_fd;     /* engine.sock, checked for EOF while sleeping (-1: none) */
+	uint32_t send_batch; /* publish SENDs once this many are queued or before any wait
+			      * (0, 1: at the end of every send call, as a socket would) */
 };
 
 /* No spin beyond one poll and RING-6's re-check: on 2 cores with 4 processes in the run,
