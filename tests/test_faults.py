@@ -294,7 +294,9 @@ def test_netkernel_down_mid_transfer_leaves_nothing_behind() -> None:
                 assert failure["errno"] in (errno.ECONNRESET, errno.EPIPE)
                 assert failure["failed"] - done < NOTICE  # it may even fail before down returns
                 later = tenant.read(timeout=5)
-                assert later["new"] == errno.ENETDOWN
+                # ENETDOWN once the NSM is gone; ECONNRESET if the SOCKET reached the
+                # CoreEngine while the NSM was still detaching (CE-19 answers it so)
+                assert later["new"] in (errno.ENETDOWN, errno.ECONNRESET)
                 assert later["later"] in (0, errno.ECONNRESET)  # EOF after the reset, or it
                 assert tenant.finish() == 0
                 with contextlib.suppress(OSError):  # drain: the NSM's socket closed too
