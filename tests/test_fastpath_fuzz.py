@@ -29,9 +29,15 @@ needs_clang = pytest.mark.skipif(shutil.which("clang") is None,
                                  reason="clang is not installed: libFuzzer targets need clang")
 
 
+def fuzzer_env() -> dict[str, str]:
+    """The environment without LD_PRELOAD: a fuzzer links clang's sanitizer runtime, and
+    CI's sanitizer run preloads gcc's into this Python (two ASan runtimes refuse to start)."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 def run_sh(build: Path, out: Path, seconds: int,
            defs: str = "") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FUZZ_BUILD": str(build), "FUZZ_OUT": str(out),
+    env = {**fuzzer_env(), "FUZZ_BUILD": str(build), "FUZZ_OUT": str(out),
            "FUZZ_TARGETS": "nqe", "FUZZ_DEFS": defs}
     return subprocess.run([str(FUZZ / "run.sh"), str(seconds)], env=env, capture_output=True,
                           text=True, timeout=WALL)
@@ -85,7 +91,7 @@ def test_broken_decoder_is_found_from_valid_seeds_only(tmp_path: Path) -> None:
         shutil.copy(p, seeds)
     proc = subprocess.run([str(build / "fuzz_nqe"), "-max_total_time=120", "-seed=1",
                            f"-artifact_prefix={tmp_path}/", str(work), str(seeds)],
-                          capture_output=True, text=True, timeout=WALL)
+                          capture_output=True, text=True, timeout=WALL, env=fuzzer_env())
     assert proc.returncode != 0 and "fuzz_nqe: oracle failed" in proc.stderr
     (crash,) = tmp_path.glob("crash-*")
     found = crash.read_bytes()
