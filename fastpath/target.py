@@ -36,14 +36,7 @@ NOT_APPLICABLE = {
 
 
 def target() -> Target:
-    roles: dict[str, Any] = {}
-    for role, name in MODULES.items():
-        try:
-            roles[role] = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-    if "coreengine" in roles:
-        roles["coreengine"] = WithProcess(roles["coreengine"], PROCESSES["coreengine"])
+    roles: dict[str, Any] = {role: importlib.import_module(name) for role, name in MODULES.items()}
+    roles["coreengine"] = WithProcess(roles["coreengine"], PROCESSES["coreengine"])
     roles["nsm"] = PROCESSES["nsm"]
     return Target("fastpath", roles, frozenset({"FUTEX_BELLS"}), dict(NOT_APPLICABLE))
