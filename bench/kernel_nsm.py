@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.runtime import PATHS, BenchError, Figure, _line, _what, format_table
+from bench.runtime import _pair as runtime_pair
 
 WORKER_TIMEOUT_SLACK: Final = 60.0
 GOALS: Final = {"bulk": 0.8, "rr": 0.7}
@@ -121,25 +122,8 @@ def _spawn(role: str, path: str, instance: str, *args: str) -> subprocess.Popen[
 
 def _pair(role_a: str, role_b: str, path: str, instance: str, args_a: list[str],
           args_b: list[str], timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A listening worker and its peer, run to the end; their final reports."""
-    procs = [_spawn(role_a, path, instance, *args_a)]
-    try:
-        port = _line(procs[0], timeout)["port"]
-        procs.append(_spawn(role_b, path, instance, "--port", str(port), *args_b))
-        report_b = _line(procs[1], timeout)
-        report_a = _line(procs[0], timeout)
-        for proc in procs:
-            if proc.wait(timeout) != 0:
-                raise BenchError(f"{_what(proc)} exited with {proc.returncode}")
-        return report_a, report_b
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            for pipe in (proc.stdout, proc.stderr):
-                if pipe is not None:
-                    pipe.close()
+    """A listening worker and its peer (this file's workers), run to the end."""
+    return runtime_pair(role_a, role_b, path, instance, args_a, args_b, timeout, _spawn)
 
 
 def _ticks(pid: int) -> float:

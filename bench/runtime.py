@@ -227,13 +227,21 @@ def _line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     return doc
 
 
+Spawn = Callable[..., "subprocess.Popen[str]"]
+
+
 def _pair(role_a: str, role_b: str, path: str, instance: str, args_a: list[str],
-          args_b: list[str], timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run a listening worker and its peer to the end; their final reports."""
-    procs = [_spawn(role_a, path, instance, *args_a)]
+          args_b: list[str], timeout: float,
+          spawn: Spawn | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run a listening worker and its peer to the end; their final reports.
+
+    ``spawn(role, path, instance, *args)`` starts a worker (default: this file's).
+    """
+    spawn = spawn or _spawn
+    procs = [spawn(role_a, path, instance, *args_a)]
     try:
         port = _line(procs[0], timeout)["port"]
-        procs.append(_spawn(role_b, path, instance, "--port", str(port), *args_b))
+        procs.append(spawn(role_b, path, instance, "--port", str(port), *args_b))
         report_b = _line(procs[1], timeout)
         report_a = _line(procs[0], timeout)
         for proc in procs:
