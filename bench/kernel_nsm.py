@@ -41,7 +41,16 @@ from typing import Any, Final
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.runtime import PATHS, BenchError, Figure, _line, _what, format_table
+from bench.runtime import (
+    PATHS,
+    BenchError,
+    Figure,
+    _line,
+    _what,
+    add_options,
+    format_table,
+    parse_options,
+)
 from bench.runtime import _pair as runtime_pair
 
 WORKER_TIMEOUT_SLACK: Final = 60.0
@@ -291,12 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         description="The fast path (C tenant -> C CoreEngine -> C kernel NSM) vs direct kernel"
                     " sockets on loopback, C loops on both sides: bulk throughput and"
                     " request/response rate (issue 4's goals).")
-    p.add_argument("--seconds", type=float, default=3.0,
-                   help="duration of each measurement (default 3; 4 measurements per round)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="rounds, paths alternating; the median is reported (default 1)")
-    p.add_argument("--msg-size", type=int, default=8192, help="bulk message size (8192)")
-    p.add_argument("--rr-size", type=int, default=64, help="request/response size (64)")
+    add_options(p, measurements=4)
     p.add_argument("--spin-ns", type=_spins, default=[0],
                    help="the tenant's spin budget before it sleeps, ns; a list (e.g."
                         " 0,5000,20000) also measures NetKernel with the others")
@@ -304,10 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the tenant publishes SENDs once this many are queued or before it"
                         " waits (default 0: at the end of every send call)")
     p.add_argument("--only", choices=["bulk", "rr"], help="run one of the two benchmarks")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON too")
-    args = p.parse_args(argv)
-    if args.seconds <= 0 or args.rounds < 1 or args.msg_size < 1 or args.rr_size < 1:
-        p.error("--seconds, --rounds, --msg-size and --rr-size must be positive")
+    args = parse_options(p, argv)
 
     from netkernel import instance as inst
 

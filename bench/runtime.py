@@ -325,6 +325,25 @@ def format_table(figures: list[Figure]) -> str:
     return "\n".join(lines)
 
 
+def add_options(p: argparse.ArgumentParser, *, measurements: int) -> None:
+    """The options every side-by-side benchmark takes (bench.runtime, bench.kernel_nsm)."""
+    p.add_argument("--seconds", type=float, default=3.0,
+                   help=f"duration of each measurement (default 3; {measurements}"
+                        " measurements per round)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds, paths alternating; the median is reported (default 1)")
+    p.add_argument("--msg-size", type=int, default=8192, help="bulk message size (8192)")
+    p.add_argument("--rr-size", type=int, default=64, help="request/response size (64)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON too")
+
+
+def parse_options(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.seconds <= 0 or args.rounds < 1 or args.msg_size < 1 or args.rr_size < 1:
+        p.error("--seconds, --rounds, --msg-size and --rr-size must be positive")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
@@ -335,16 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                     " sockets on loopback: bulk throughput and request/response rate.")
     p.add_argument("--impl", choices=IMPLS, default=IMPLS[0],
                    help="implementation of GuestLib, CoreEngine and NSM (default fastpath)")
-    p.add_argument("--seconds", type=float, default=3.0,
-                   help="duration of each measurement (default 3; 6 measurements per round)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="rounds, paths alternating; the median is reported (default 1)")
-    p.add_argument("--msg-size", type=int, default=8192, help="bulk message size (8192)")
-    p.add_argument("--rr-size", type=int, default=64, help="request/response size (64)")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON too")
-    args = p.parse_args(argv)
-    if args.seconds <= 0 or args.rounds < 1 or args.msg_size < 1 or args.rr_size < 1:
-        p.error("--seconds, --rounds, --msg-size and --rr-size must be positive")
+    add_options(p, measurements=6)
+    args = parse_options(p, argv)
 
     from netkernel import instance as inst
 
