@@ -129,16 +129,17 @@ static struct sockaddr_in loop4(uint16_t port)
 	return a;
 }
 
-static int run_tests(void)
+/* An NSM device (anonymous memory) and tenant VM's device file vm-<VM>.nk in a new
+ * directory made from the template `dir`, both with fresh headers, and the NSM's four
+ * rings of queue set 0 as the CoreEngine's side sees them. Returns the NSM device size. */
+static uint64_t make_devices(char *dir, char *path, size_t path_len)
 {
-	char dir[] = "/tmp/nk-test-nsm-XXXXXX";
 	CHECK(mkdtemp(dir));
 	uint64_t nsm_len = nk_geo_total_size(&nsm_geo);
 	nsm_base = mmap(NULL, nsm_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	CHECK(nsm_base != MAP_FAILED);
 	init_header(nsm_base, &nsm_geo);
-	char path[256];
-	snprintf(path, sizeof(path), "%s/vm-%d.nk", dir, VM);
+	snprintf(path, path_len, "%s/vm-%d.nk", dir, VM);
 	int fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
 	CHECK(fd >= 0 && ftruncate(fd, (off_t)nk_geo_total_size(&vm_geo)) == 0);
 	vm_base = mmap(NULL, nk_geo_total_size(&vm_geo), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -146,10 +147,19 @@ static int run_tests(void)
 	close(fd);
 	init_header(vm_base, &vm_geo);
 	vm_data = vm_base + nk_geo_data_offset(&vm_geo);
-	nk_ring_init(&job, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_JOB), 64);
-	nk_ring_init(&completion, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_COMPLETION), 64);
-	nk_ring_init(&sendr, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_SEND), 64);
-	nk_ring_init(&receive, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_RECEIVE), 64);
+	uint32_t e = nsm_geo.ring_entries;
+	nk_ring_init(&job, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_JOB), e);
+	nk_ring_init(&completion, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_COMPLETION), e);
+	nk_ring_init(&sendr, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_SEND), e);
+	nk_ring_init(&receive, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_RECEIVE), e);
+	return nsm_len;
+}
+
+static int run_tests(void)
+{
+	char dir[] = "/tmp/nk-test-nsm-XXXXXX";
+	char path[256];
+	uint64_t nsm_len = make_devices(dir, path, sizeof(path));
 
 	CHECK(nk_nsm_new(vm_base, nk_geo_total_size(&vm_geo), dir, -1, -1) == NULL); /* not an NSM */
 	struct nk_nsm *n = nk_nsm_new(nsm_base, nsm_len, dir, -1, -1);
@@ -466,25 +476,8 @@ static int run_bench(double seconds)
 	vm_geo = (struct nk_geometry){ 1, 256, 8u << 20, 4u << 20, GRANULE, NK_KIND_TENANT };
 	nsm_geo = (struct nk_geometry){ 1, 256, 2 * GRANULE, GRANULE, GRANULE, NK_KIND_NSM };
 	char dir[] = "/tmp/nk-bench-nsm-XXXXXX";
-	CHECK(mkdtemp(dir));
-	uint64_t nsm_len = nk_geo_total_size(&nsm_geo);
-	nsm_base = mmap(NULL, nsm_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	CHECK(nsm_base != MAP_FAILED);
-	init_header(nsm_base, &nsm_geo);
 	char path[256];
-	snprintf(path, sizeof(path), "%s/vm-%d.nk", dir, VM);
-	int fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
-	CHECK(fd >= 0 && ftruncate(fd, (off_t)nk_geo_total_size(&vm_geo)) == 0);
-	vm_base = mmap(NULL, nk_geo_total_size(&vm_geo), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	CHECK(vm_base != MAP_FAILED);
-	close(fd);
-	init_header(vm_base, &vm_geo);
-	vm_data = vm_base + nk_geo_data_offset(&vm_geo);
-	uint32_t e = nsm_geo.ring_entries;
-	nk_ring_init(&job, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_JOB), e);
-	nk_ring_init(&completion, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_COMPLETION), e);
-	nk_ring_init(&sendr, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_SEND), e);
-	nk_ring_init(&receive, nsm_base + nk_geo_ring_offset(&nsm_geo, 0, NK_RING_RECEIVE), e);
+	uint64_t nsm_len = make_devices(dir, path, sizeof(path));
 	struct nk_nsm *n = nk_nsm_new(nsm_base, nsm_len, dir, -1, -1);
 	CHECK(n);
 	pthread_t t;
