@@ -43,8 +43,9 @@ from netkernel import instance as nk_instance
 SCRIPTS: Final = Path(__file__).resolve().parent / "programs"
 #: Variables that must not leak from the caller into a run (a direct run stays direct,
 #: NetKernel runs take the instance from --instance, never from NETKERNEL_ROOT).
-_DROP_ENV: Final = ("NETKERNEL_ROOT", "NETKERNEL_INSTANCE", "NETKERNEL_AGENT",
-                    "NETKERNEL_PRELOAD", "NETKERNEL_AGENT_BIN", "LD_PRELOAD")
+#: NETKERNEL_PRELOAD and NETKERNEL_AGENT_BIN stay: they choose the builds `netkernel run`
+#: uses (a sanitizer build, say).
+_DROP_ENV: Final = ("NETKERNEL_ROOT", "NETKERNEL_INSTANCE", "NETKERNEL_AGENT", "LD_PRELOAD")
 #: Debian packages providing the programs (what .ci/run installs).
 APT_PACKAGES: Final = ("curl", "nginx-light", "redis-server", "redis-tools", "iperf3",
                        "memcached", "libmemcached-tools", "sockperf", "wrk", "apache2-utils",
