@@ -371,6 +371,16 @@ def nginx_statuses(root: Path) -> dict[int, int]:
     return counts
 
 
+def nginx_errors(root: Path, lines: int = 20) -> str:
+    """The last error lines (level above notice) of nginx's error log."""
+    with contextlib.suppress(OSError):
+        text = (root / "logs" / "error.log").read_text(errors="replace").splitlines()
+        return "\n".join([line for line in text
+                          if not re.search(r"\[(notice|info)\]", line)
+                          or "failed" in line][-lines:])
+    return ""
+
+
 def redis_server(port: int) -> list[str]:
     return ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
             "--daemonize", "no", "--bind", "127.0.0.1"]

@@ -241,9 +241,10 @@ def test_nginx_answers_every_wrk_request_200(client: str, server: str, nk_instan
         res = pg.run(["wrk", "-t2", "-c16", "-d3s", f"http://127.0.0.1:{port}/index.html"],
                      cvia, timeout=60).ok()
     report = pg.wrk_report(res.stdout)
-    assert report["requests"] > 0, str(res)
+    why = f"{res}\nnginx's error log:\n{pg.nginx_errors(prefix)}"
+    assert report["requests"] > 0, why
     assert {k: report[k] for k in ("non_2xx", "connect", "read", "write", "timeout")} == \
-        dict.fromkeys(("non_2xx", "connect", "read", "write", "timeout"), 0.0), str(res)
+        dict.fromkeys(("non_2xx", "connect", "read", "write", "timeout"), 0.0), why
     statuses = pg.nginx_statuses(prefix)
     assert set(statuses) == {200}, statuses
     assert statuses[200] >= report["requests"], (statuses, report)
@@ -265,7 +266,7 @@ def test_nginx_answers_every_ab_request_200(client: str, server: str, nk_instanc
     for res in runs:
         report = pg.ab_report(res.stdout)
         assert (report["complete"], report["failed"], report["non_2xx"]) == (1000, 0, 0), \
-            str(res)
+            f"{res}\nnginx's error log:\n{pg.nginx_errors(prefix)}"
     assert pg.nginx_statuses(prefix) == {200: 2000}
 
 
@@ -335,17 +336,20 @@ def test_iperf3_client_and_server_under_netkernel(udp: bool, nk_instance_name: s
     port = pg.free_port()
     mode = ["-u", "-b", "50M"] if udp else []
     with pg.tcp_server(pg.iperf3_server(port), nk, port, tmp / "iperf3.log") as srv, \
-            Through(nk_instance_name, 1 << 20):
+            Through(nk_instance_name, 1 << 20) as moved:
         res = pg.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "2", "-J", *mode],
                      nk, timeout=60)
         doc = json.loads(res.stdout)
         assert res.returncode == 0 and "error" not in doc, f"{res}\nserver:\n{srv.output()}"
-    report = pg.iperf3_report(doc)
-    assert report["sent_bytes"] > 0 and report["bps"] > 0, report
+        report = pg.iperf3_report(doc)
+        moved.at_least = int(report["bytes"])
+    assert report["sent_bytes"] > 0 and report["bytes"] > 0, report
     if udp:
         assert report["packets"] > 0 and report["lost"] < report["packets"], report
     else:
-        assert report["bytes"] == report["sent_bytes"], report
+        # iperf3's receiver stops counting at the end of the test: what is still in the
+        # socket buffers then (a few MB at most) is sent but not counted as received.
+        assert 0 <= report["sent_bytes"] - report["bytes"] <= 64 << 20, report
 
 
 # ---- memcached ---------------------------------------------------------------------------
