@@ -95,7 +95,9 @@ def nginx_wrk(via: Via, tmp: Path, opt: Options) -> dict[str, float]:
     with srv:
         res = pg.run(["wrk", "-t2", "-c16", f"-d{opt.seconds}s",
                       f"http://127.0.0.1:{port}/index.html"], via, timeout=opt.seconds + 60)
-    return {"rps": pg.wrk_report(res.ok().stdout)["rps"]}
+    report = pg.wrk_report(res.ok().stdout)
+    errors = sum(report[k] for k in ("non_2xx", "connect", "read", "write", "timeout"))
+    return {"rps": report["rps"], "errors": errors}
 
 
 def nginx_curl_10mb(via: Via, tmp: Path, opt: Options) -> dict[str, float]:
@@ -192,7 +194,8 @@ def bulk(via: Via, tmp: Path, opt: Options) -> dict[str, float]:
 
 BENCHES: Final = (
     Bench("http.server+curl", ("curl",), (Figure("rps", "requests/s"),), http_server_curl),
-    Bench("nginx+wrk", ("nginx", "wrk"), (Figure("rps", "requests/s"),), nginx_wrk),
+    Bench("nginx+wrk", ("nginx", "wrk"),
+          (Figure("rps", "requests/s"), Figure("errors", "errors (wrk)", False)), nginx_wrk),
     Bench("nginx+curl-10MB", ("nginx", "curl"), (Figure("gbps", "Gbit/s"),), nginx_curl_10mb),
     Bench("redis-benchmark", ("redis-server", "redis-benchmark"),
           (Figure("set", "SET requests/s"), Figure("get", "GET requests/s")), redis),
