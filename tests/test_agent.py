@@ -339,6 +339,99 @@ def test_listen_accept_records(agent: Agent) -> None:
         ctl.close()
 
 
+def test_shutdown_write_reaches_the_peer_after_the_data(agent: Agent) -> None:
+    """PRE-6: shutdown(SHUT_WR) of the app end (and NK_AG_SHUTDOWN) reaches the kernel
+    peer as EOF after every byte written before it; the other direction stays open."""
+    with time_limit(30):
+        lst = kernel_listener()
+        ctl = agent.connect()
+        app, ino = connected(ctl, lst.getsockname()[1])
+        peer, _ = lst.accept()
+        peer.settimeout(10)
+        data = os.urandom(3 << 20)
+        sender = threading.Thread(target=app.sendall, args=(data,), daemon=True)
+        sender.start()
+        got = bytearray()
+        while len(got) < 1 << 20:
+            got += peer.recv(1 << 16)
+        sender.join(10)
+        app.shutdown(socket.SHUT_WR)  # what the library does, then it tells the agent
+        assert ctl.call(SHUTDOWN, ino, args=(socket.SHUT_WR, 0, 0))[0] == 0
+        while chunk := peer.recv(1 << 16):
+            got += chunk
+        assert bytes(got) == data
+        peer.sendall(b"still open")
+        peer.close()
+        app.settimeout(10)
+        assert app.recv(100) == b"still open"
+        assert app.recv(100) == b""
+        app.close()
+        lst.close()
+        ctl.close()
+
+
+def test_backpressure_reaches_the_app_end(agent: Agent) -> None:
+    """PRE-4: a peer that does not read stops the agent reading the agent end: the app
+    end's writes end in EAGAIN (bounded buffering); once the peer reads, every byte arrives."""
+    with time_limit(60):
+        lst = kernel_listener()
+        ctl = agent.connect()
+        app, ino = connected(ctl, lst.getsockname()[1])
+        peer, _ = lst.accept()
+        app.setblocking(False)
+        block = os.urandom(1 << 16)
+        sent = bytearray()
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 1.0:
+            try:
+                n = app.send(block)
+                sent += block[:n]
+                quiet_since = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert len(sent) < 64 << 20, "the agent buffered without bound"
+        _, w, _ = select.select([], [app], [], 0)
+        assert not w
+        peer.settimeout(10)
+        got = bytearray()
+        while len(got) < len(sent):
+            got += peer.recv(1 << 20)
+        assert bytes(got) == bytes(sent)
+        _, w, _ = select.select([], [app], [], 10)
+        assert w, "writable again once the peer read"
+        app.close()
+        peer.close()
+        lst.close()
+        ctl.close()
+
+
+def test_accept_stops_at_the_backlog(agent: Agent) -> None:
+    """PRE-7: records the app has not taken stay at most the backlog; the rest are
+    accepted once it takes them."""
+    with time_limit(30):
+        ctl = agent.connect()
+        lst, ino = ctl.socket()
+        assert ctl.call(BIND, ino, data=sockaddr_in("127.0.0.1", 0))[0] == 0
+        assert ctl.call(LISTEN, ino, args=(2, 0, 0))[0] == 0
+        port = parse_sockaddr_in(ctl.call(GETSOCKNAME, ino)[2])[1]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(6)]
+        time.sleep(0.5)
+        import fcntl
+        import termios
+        queued = struct.unpack("i", fcntl.ioctl(lst.fileno(), termios.FIONREAD,
+                                                bytes(4)))[0]
+        assert 0 < queued <= 2 * RECORD.size, queued
+        conns = []
+        for _ in clients:
+            msg, fds, _, _ = socket.recv_fds(lst, RECORD.size, 1)
+            assert len(msg) == RECORD.size and len(fds) == 1
+            conns.append(socket.socket(fileno=fds[0]))
+        for c in conns + clients:
+            c.close()
+        lst.close()
+        ctl.close()
+
+
 def test_udp_records(agent: Agent) -> None:
     """PRE-8: sendto/recvfrom are struct nk_ag_dgram records on a SEQPACKET app end."""
     with time_limit(20):
