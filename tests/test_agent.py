@@ -11,7 +11,6 @@ records), PRE-8 (UDP records), PRE-9 (failures).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -19,7 +18,6 @@ import select
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -280,7 +278,7 @@ def test_peer_close_is_eof_and_last_close_is_peer_eof(agent: Agent) -> None:
     with time_limit(20):
         lst = kernel_listener()
         ctl = agent.connect()
-        app, ino = connected(ctl, lst.getsockname()[1])
+        app, _ = connected(ctl, lst.getsockname()[1])
         peer, _ = lst.accept()
         peer.sendall(b"bye")
         peer.close()
@@ -288,7 +286,7 @@ def test_peer_close_is_eof_and_last_close_is_peer_eof(agent: Agent) -> None:
         assert app.recv(10) == b""
         app.close()
 
-        app, ino = connected(ctl, lst.getsockname()[1])
+        app, _ = connected(ctl, lst.getsockname()[1])
         peer, _ = lst.accept()
         peer.settimeout(10)
         app.sendall(b"last words")
@@ -376,7 +374,7 @@ def test_backpressure_reaches_the_app_end(agent: Agent) -> None:
     with time_limit(60):
         lst = kernel_listener()
         ctl = agent.connect()
-        app, ino = connected(ctl, lst.getsockname()[1])
+        app, _ = connected(ctl, lst.getsockname()[1])
         peer, _ = lst.accept()
         app.setblocking(False)
         block = os.urandom(1 << 16)
@@ -500,24 +498,54 @@ def test_coreengine_gone_resets_sockets(agent_bin: Path, tmp_path: Path) -> None
     ECONNRESET, a new SOCKET is -ENETDOWN, and the agent exits once idle."""
     from netkernel import instance
 
-    with time_limit(60):
-        with own_instance() as name:
-            a = Agent(agent_bin, name, tmp_path, idle_ms=200)
+    with time_limit(60), own_instance() as name:
+        a = Agent(agent_bin, name, tmp_path, idle_ms=200)
+        lst = kernel_listener()
+        ctl = a.connect()
+        app, ino = connected(ctl, lst.getsockname()[1])
+        peer, _ = lst.accept()
+        instance.down(name)
+        app.settimeout(10)
+        assert app.recv(10) == b""
+        assert ctl.so_error(ino) == errno.ECONNRESET
+        assert ctl.call(SOCKET, args=(socket.AF_INET, socket.SOCK_STREAM, 0))[0] == \
+                -errno.ENETDOWN
+        app.close()
+        ctl.close()
+        assert a.wait(10) == 0
+        peer.close()
+        lst.close()
+        a.close()
+
+
+def test_nsm_gone_resets_sockets(agent_bin: Path, tmp_path: Path) -> None:
+    """PRE-9: the NSM dies (EV_ERROR on socket 0): a blocked reader wakes with EOF and
+    SO_ERROR ECONNRESET, its writes fail, and a new SOCKET is -ENETDOWN; never a hang."""
+    import signal
+
+    from netkernel.reference import shm
+
+    with time_limit(60), own_instance() as name:
+        a = Agent(agent_bin, name, tmp_path)
+        try:
             lst = kernel_listener()
             ctl = a.connect()
             app, ino = connected(ctl, lst.getsockname()[1])
             peer, _ = lst.accept()
-            instance.down(name)
+            (pid_file,) = shm.instance_dir(name).glob("nsm-*.pid")
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
             app.settimeout(10)
             assert app.recv(10) == b""
             assert ctl.so_error(ino) == errno.ECONNRESET
+            with pytest.raises(BrokenPipeError):
+                app.send(b"x")
             assert ctl.call(SOCKET, args=(socket.AF_INET, socket.SOCK_STREAM, 0))[0] == \
                 -errno.ENETDOWN
             app.close()
-            ctl.close()
-            assert a.wait(10) == 0
             peer.close()
             lst.close()
+            ctl.close()
+        finally:
             a.close()
 
 
@@ -558,10 +586,3 @@ def test_bulk_throughput_figure(agent: Agent) -> None:
               f"via nk-agent {size / via / 1e6:.0f} MB/s, ratio {via / direct:.1f}x slower")
         ctl.close()
 
-
-@contextlib.contextmanager
-def _unused() -> Iterator[None]:
-    yield
-
-
-_ = tempfile
