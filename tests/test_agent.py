@@ -545,8 +545,59 @@ def test_nsm_gone_resets_sockets(agent_bin: Path, tmp_path: Path) -> None:
             peer.close()
             lst.close()
             ctl.close()
+            assert a.wait(10) == 0, "the agent did not exit once idle"
         finally:
             a.close()
+
+
+def test_many_connections_share_the_send_half(agent: Agent) -> None:
+    """PRE-4: 32 connections echo 1 MB each at once through one agent: the send half
+    (2 MB) and the call slots are shared; a socket that finds none waits, none is lost."""
+    count, size = 32, 1 << 20
+    with time_limit(120):
+        lst = kernel_listener()
+        lst.listen(64)
+
+        def echo() -> None:
+            for _ in range(count):
+                conn, _ = lst.accept()
+                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+        def serve(conn: socket.socket) -> None:
+            with conn:
+                while data := conn.recv(1 << 16):
+                    conn.sendall(data)
+
+        threading.Thread(target=echo, daemon=True).start()
+        ctl = agent.connect()
+        apps = [connected(ctl, lst.getsockname()[1])[0] for _ in range(count)]
+        errors: list[BaseException] = []
+
+        def client(app: socket.socket) -> None:
+            try:
+                data = os.urandom(size)
+                t = threading.Thread(target=app.sendall, args=(data,), daemon=True)
+                t.start()
+                got = bytearray()
+                app.settimeout(60)
+                while len(got) < size:
+                    chunk = app.recv(1 << 16)
+                    assert chunk
+                    got += chunk
+                t.join(60)
+                assert bytes(got) == data
+                app.close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(app,)) for app in apps]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(100)
+        assert not errors, errors[:3]
+        lst.close()
+        ctl.close()
 
 
 def test_bulk_throughput_figure(agent: Agent) -> None:
@@ -584,5 +635,36 @@ def test_bulk_throughput_figure(agent: Agent) -> None:
         via = run(lambda port: connected(ctl, port)[0])
         print(f"\nbulk 64 MB: direct {size / direct / 1e6:.0f} MB/s, "
               f"via nk-agent {size / via / 1e6:.0f} MB/s, ratio {via / direct:.1f}x slower")
+        ctl.close()
+
+
+def test_ping_pong_figure(agent: Agent) -> None:
+    """A figure, not an assertion: 2000 one-byte round trips through the agent vs direct
+    (a lost wake-up would show here as RING-7's 50 ms stalls)."""
+    rounds = 2000
+
+    def run(s: socket.socket, peer: socket.socket) -> float:
+        start = time.perf_counter()
+        for _ in range(rounds):
+            s.sendall(b"x")
+            assert peer.recv(1) == b"x"
+            peer.sendall(b"y")
+            assert s.recv(1) == b"y"
+        return (time.perf_counter() - start) / rounds
+
+    with time_limit(120):
+        lst = kernel_listener()
+        ctl = agent.connect()
+        direct_c = socket.create_connection(lst.getsockname())
+        direct_p, _ = lst.accept()
+        app, _ = connected(ctl, lst.getsockname()[1])
+        peer, _ = lst.accept()
+        for s in (direct_c, direct_p, app, peer):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) if s is not app else None
+        direct = run(direct_c, direct_p)
+        via = run(app, peer)
+        print(f"\nround trip: direct {direct * 1e6:.0f} us, via nk-agent {via * 1e6:.0f} us")
+        for s in (direct_c, direct_p, app, peer, lst):
+            s.close()
         ctl.close()
 
