@@ -269,6 +269,15 @@ def test_connect_refused_sets_so_error(agent: Agent) -> None:
         assert ctl.so_error(ino) == errno.ECONNREFUSED
         assert ctl.so_error(ino) == 0  # taken and cleared
         app.close()
+        app, ino = ctl.socket()
+        assert ctl.call(CONNECT, ino, data=sockaddr_in("127.0.0.1", port))[0] == \
+            -errno.EINPROGRESS
+        _, w, _ = select.select([], [app], [], 10)
+        assert w
+        # connect again before SO_ERROR was read: the failure, as on Linux
+        assert ctl.call(CONNECT, ino, data=sockaddr_in("127.0.0.1", port))[0] == \
+            -errno.ECONNREFUSED
+        app.close()
         ctl.close()
 
 
@@ -364,6 +373,33 @@ def test_shutdown_write_reaches_the_peer_after_the_data(agent: Agent) -> None:
         assert app.recv(100) == b"still open"
         assert app.recv(100) == b""
         app.close()
+        lst.close()
+        ctl.close()
+
+
+def test_shutdown_both_ways_is_not_a_close(agent: Agent) -> None:
+    """PRE-6: shutdown(SHUT_RDWR) makes the agent end look hung up while the app still holds
+    the fd: the socket stays the agent's (LOOKUP, GETPEERNAME) until the last close."""
+    with time_limit(30):
+        lst = kernel_listener()
+        ctl = agent.connect()
+        app, ino = connected(ctl, lst.getsockname()[1])
+        peer, _ = lst.accept()
+        peer.settimeout(10)
+        app.sendall(b"before")
+        app.shutdown(socket.SHUT_RDWR)
+        assert ctl.call(SHUTDOWN, ino, args=(socket.SHUT_RDWR, 0, 0))[0] == 0
+        assert peer.recv(100) == b"before"
+        assert peer.recv(100) == b""
+        time.sleep(0.2)
+        assert ctl.call(LOOKUP, ino)[0] == KIND_STREAM
+        assert ctl.call(GETPEERNAME, ino)[0] == 16
+        app.close()
+        deadline = time.monotonic() + 5
+        while ctl.call(LOOKUP, ino)[0] != -errno.ENOENT:
+            assert time.monotonic() < deadline, "the last close was not seen"
+            time.sleep(0.02)
+        peer.close()
         lst.close()
         ctl.close()
 
