@@ -529,6 +529,21 @@ def test_idle_exit_removes_the_socket(agent_bin: Path, tmp_path: Path) -> None:
             a.close()
 
 
+def test_sigterm_exits_and_removes_the_socket(agent_bin: Path, tmp_path: Path) -> None:
+    """PRE-1: SIGTERM is an idle exit now, with a control connection still open."""
+    with time_limit(30), own_instance() as name:
+        a = Agent(agent_bin, name, tmp_path, idle_ms=60000)
+        try:
+            ctl = a.connect()
+            assert ctl.call(HELLO, args=(1, 0, 0))[0] == a.proc.pid
+            a.proc.terminate()
+            assert a.wait(10) == 0
+            assert not Path(a.path).exists()
+            ctl.close()
+        finally:
+            a.close()
+
+
 def test_coreengine_gone_resets_sockets(agent_bin: Path, tmp_path: Path) -> None:
     """PRE-9: the instance goes down: a connected socket reads EOF with SO_ERROR
     ECONNRESET, a new SOCKET is -ENETDOWN, and the agent exits once idle."""

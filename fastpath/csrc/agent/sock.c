@@ -345,6 +345,7 @@ static bool read_stream(struct ag *a, struct ag_sock *s)
 	c->buf = off;
 	c->size = (uint32_t)n;
 	s->sends++;
+	s->read_total += (uint64_t)n;
 	ag_publish(a, (uint32_t)tag, 0);
 	return (uint32_t)n == want;
 }
@@ -697,9 +698,11 @@ void ag_sock_accepted(struct ag *a, struct ag_sock *l, uint32_t new_id, int64_t 
  * SHUT_WR for an app that shut its side or closed (the agent end read EOF). */
 void ag_sock_try_shutdown(struct ag *a, struct ag_sock *s)
 {
-	if (!s->in_eof || s->sends || !s->settled)
+	if (s->sends || !s->settled)
 		return;
-	if (s->shut_pend) {
+	/* NK_AG_SHUTDOWN: the bytes the agent end held at the request are read and SENT
+	 * (the library shut the app end first, so that is everything before the EOF) */
+	if (s->shut_pend && (s->in_eof || s->read_total >= s->shut_mark || s->broken)) {
 		struct ag_pend *p = s->shut_pend;
 		if (s->broken || a->ce_dead) {
 			s->shut_pend = NULL;
@@ -719,7 +722,8 @@ void ag_sock_try_shutdown(struct ag *a, struct ag_sock *s)
 			s->wr_shut = true;
 		return;
 	}
-	if (s->wr_shut || s->broken || !s->stream || !s->connected || a->ce_dead)
+	if (!s->in_eof || s->shut_pend || s->wr_shut || s->broken || !s->stream ||
+	    !s->connected || a->ce_dead)
 		return;
 	int tag = ag_call_new(a, NK_OP_SHUTDOWN, s->id, false);
 	if (tag < 0) {
@@ -768,6 +772,8 @@ static void finish(struct ag *a, struct ag_sock *s)
 	if (alive == 1) { /* both directions shut, the app still holds it: watched */
 		if (!s->watching) {
 			s->watching = true;
+			s->watch_gap = (int64_t)AG_TICK_MS * 1000000;
+			s->watch_at = ag_now_ns() + s->watch_gap;
 			s->wnext = a->watch;
 			a->watch = s;
 		}
@@ -806,8 +812,16 @@ void ag_sock_ready(struct ag *a, struct ag_sock *s, uint32_t events)
 void ag_tick(struct ag *a)
 {
 	struct ag_sock **p = &a->watch;
+	int64_t now = ag_now_ns();
 	while (*p) {
 		struct ag_sock *s = *p;
+		if (now < s->watch_at) {
+			p = &s->wnext;
+			continue;
+		}
+		if (s->watch_gap < 640000000)
+			s->watch_gap *= 2; /* an app end held open long is looked at less often */
+		s->watch_at = now + s->watch_gap;
 		if (ag_diag_alive(a, s->ino) != 1) {
 			*p = s->wnext;
 			s->watching = false;
