@@ -312,6 +312,27 @@ def test_peer_close_is_eof_and_last_close_is_peer_eof(agent: Agent) -> None:
         ctl.close()
 
 
+def test_close_with_unread_data_resets_the_peer(agent: Agent) -> None:
+    """PRE-6, GL-2: the app closes with received data it never read: CLOSE carries ABORT
+    and the kernel peer sees a reset, as with Linux sockets; without unread data the
+    same close is an orderly EOF."""
+    with time_limit(30):
+        lst = kernel_listener()
+        ctl = agent.connect()
+        app, _ = connected(ctl, lst.getsockname()[1])
+        peer, _ = lst.accept()
+        peer.settimeout(10)
+        peer.sendall(b"never read")
+        time.sleep(0.3)  # in the app end's queue
+        app.close()
+        with pytest.raises(ConnectionResetError):
+            while peer.recv(100):
+                pass
+        peer.close()
+        lst.close()
+        ctl.close()
+
+
 def test_listen_accept_records(agent: Agent) -> None:
     """PRE-7: a listening app end delivers one 32-byte record + SCM_RIGHTS per connection
     from a plain kernel client; data flows both ways on the accepted socket."""

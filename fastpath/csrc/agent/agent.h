@@ -158,6 +158,7 @@ struct ag {
 	bool ce_dead;            /* the CoreEngine is gone (RT-4, GL-9) */
 	bool nsm_dead;           /* EV_ERROR on socket 0: the NSM is gone (CE-19) */
 	bool stopping;           /* SIGTERM */
+	bool debug;              /* NK_AGENT_DEBUG: a line per CLOSE, counters at exit */
 	int nsm_err;
 	/* sockets */
 	struct ag_sock **socks;  /* socks[id - 1] */

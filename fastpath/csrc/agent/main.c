@@ -428,6 +428,7 @@ int main(int argc, char **argv)
 	a->listen_fd = a->hold_fd = a->sig_fd = a->diag_fd = a->engine_fd = -1;
 	a->idle_since = -1;
 	a->idle_ns = o.idle_ms * 1000000LL;
+	a->debug = getenv("NK_AGENT_DEBUG") != NULL;
 	const char *spin = getenv("NK_AGENT_SPIN_US");
 	a->spin_ns = spin ? atoll(spin) * 1000 : AG_SPIN_NS;
 	a->path = (char *)o.socket;
@@ -484,7 +485,7 @@ int main(int argc, char **argv)
 	int rc = run(a);
 	atomic_store_explicit(&a->quit, true, memory_order_release);
 	pthread_join(a->bell_thread, NULL); /* it sees quit within one sleep (RING-7) */
-	if (getenv("NK_AGENT_DEBUG"))
+	if (a->debug)
 		fprintf(stderr, "nk-agent: sends %llu events %llu bells %llu\n",
 			(unsigned long long)a->n_sends, (unsigned long long)a->n_events,
 			(unsigned long long)a->n_bells);
