@@ -1,0 +1,288 @@
+/* C-level scenarios for tests/test_preload_api.py: what Python cannot call directly
+ * (raw syscall(), vfork, execle, sigaction without SA_RESTART, the _chk variants
+ * under _FORTIFY_SOURCE) and the static-binary bypass. Each prints what it saw, one
+ * fact per line, no ports, so that the run under libnkpreload.so can be compared with
+ * plain Linux. Usage: nkcalls NAME */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char **environ;
+
+#define CHECK(x) do { if ((x) < 0) { printf("FAILED %s: %s\n", #x, strerror(errno)); exit(2); } } while (0)
+
+static const char *ename(int e)
+{
+	switch (e) {
+	case 0: return "0";
+	case EPIPE: return "EPIPE";
+	case ECONNRESET: return "ECONNRESET";
+	case EINTR: return "EINTR";
+	case EAGAIN: return "EAGAIN";
+	case EINVAL: return "EINVAL";
+	case ENOTCONN: return "ENOTCONN";
+	case ENETDOWN: return "ENETDOWN";
+	case ECONNREFUSED: return "ECONNREFUSED";
+	default: return strerror(e);
+	}
+}
+
+/* A listener on 127.0.0.1, a client connected to it, and the accepted end. */
+static void tcp_trio(int *lst, int *cli, int *srv)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t len = sizeof a;
+	CHECK(*lst = socket(AF_INET, SOCK_STREAM, 0));
+	CHECK(bind(*lst, (struct sockaddr *)&a, sizeof a));
+	CHECK(listen(*lst, 8));
+	CHECK(getsockname(*lst, (struct sockaddr *)&a, &len));
+	CHECK(*cli = socket(AF_INET, SOCK_STREAM, 0));
+	CHECK(connect(*cli, (struct sockaddr *)&a, sizeof a));
+	CHECK(*srv = accept(*lst, NULL, NULL));
+}
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+}
+
+static int eintr(void)
+{
+	int lst, cli, srv;
+	tcp_trio(&lst, &cli, &srv);
+	struct sigaction sa = { .sa_handler = on_alarm }; /* no SA_RESTART */
+	sigaction(SIGALRM, &sa, NULL);
+	struct itimerval it = { .it_value = { 0, 200000 } };
+	setitimer(ITIMER_REAL, &it, NULL);
+	char buf[8];
+	ssize_t n = recv(cli, buf, sizeof buf, 0);
+	printf("recv %zd %s\n", n, ename(n < 0 ? errno : 0));
+	setitimer(ITIMER_REAL, &it, NULL);
+	n = accept(lst, NULL, NULL);
+	printf("accept %zd %s\n", n < 0 ? n : 0, ename(n < 0 ? errno : 0));
+	setitimer(ITIMER_REAL, &it, NULL);
+	n = read(cli, buf, sizeof buf);
+	printf("read %zd %s\n", n, ename(n < 0 ? errno : 0));
+	return 0;
+}
+
+/* Sends until the peer's close shows; MSG_NOSIGNAL or not. */
+static int sigpipe(int flags)
+{
+	int lst, cli, srv;
+	tcp_trio(&lst, &cli, &srv);
+	close(srv);
+	char buf[1024] = { 0 };
+	for (int i = 0; i < 5000; i++) {
+		if (send(cli, buf, sizeof buf, flags) < 0) {
+			int e = errno;
+			if (e == ECONNRESET) /* Linux may say ECONNRESET once, then EPIPE */
+				continue;
+			printf("send failed %s\n", ename(e));
+			return 0;
+		}
+		usleep(1000);
+	}
+	printf("send never failed\n");
+	return 1;
+}
+
+static int raw_syscalls(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t len = sizeof a;
+	int lst = (int)syscall(SYS_socket, AF_INET, SOCK_STREAM, 0);
+	CHECK(lst);
+	CHECK(syscall(SYS_bind, lst, &a, sizeof a));
+	CHECK(syscall(SYS_listen, lst, 4));
+	CHECK(syscall(SYS_getsockname, lst, &a, &len));
+	int cli = (int)syscall(SYS_socket, AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	CHECK(cli);
+	CHECK(syscall(SYS_connect, cli, &a, sizeof a));
+	struct sockaddr_in peer;
+	socklen_t plen = sizeof peer;
+	int srv = (int)syscall(SYS_accept4, lst, &peer, &plen, SOCK_CLOEXEC);
+	CHECK(srv);
+	printf("peer family %d len %u\n", peer.sin_family, plen);
+	int v = 0;
+	socklen_t vl = sizeof v;
+	CHECK(syscall(SYS_getsockopt, cli, SOL_SOCKET, SO_DOMAIN, &v, &vl));
+	printf("domain %d\n", v);
+	CHECK(syscall(SYS_sendto, cli, "raw", 3, 0, NULL, 0));
+	char buf[8] = { 0 };
+	long n = syscall(SYS_recvfrom, srv, buf, sizeof buf, 0, NULL, NULL);
+	printf("recvfrom %ld %s\n", n, buf);
+	int d = (int)syscall(SYS_dup, srv);
+	CHECK(d);
+	CHECK(syscall(SYS_close, srv));
+	CHECK(syscall(SYS_shutdown, d, SHUT_WR));
+	n = syscall(SYS_recvfrom, cli, buf, sizeof buf, 0, NULL, NULL);
+	printf("eof %ld\n", n);
+	printf("getpid still works %d\n", syscall(SYS_getpid) == getpid());
+	return 0;
+}
+
+/* Whether fd is an app end (an AF_UNIX socket of /proc/net/unix) or a real INET socket. */
+static const char *what_is(int fd)
+{
+	struct stat st;
+	if (fstat(fd, &st) < 0)
+		return "bad fd";
+	FILE *f = fopen("/proc/net/unix", "r");
+	char line[512];
+	while (f && fgets(line, sizeof line, f)) {
+		unsigned long ino = 0;
+		if (sscanf(line, "%*s %*s %*s %*s %*s %*s %lu", &ino) == 1 && ino == st.st_ino) {
+			fclose(f);
+			return "netkernel app end";
+		}
+	}
+	if (f)
+		fclose(f);
+	return "kernel socket";
+}
+
+static int which_socket(void)
+{
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0) {
+		printf("socket failed %s\n", ename(errno));
+		return 0;
+	}
+	printf("%s\n", what_is(fd));
+	return 0;
+}
+
+static int accept_flags(void)
+{
+	int lst, cli, srv;
+	tcp_trio(&lst, &cli, &srv);
+	int fl = fcntl(srv, F_GETFL), fd = fcntl(srv, F_GETFD);
+	printf("accept: nonblock %d cloexec %d\n", !!(fl & O_NONBLOCK), !!(fd & FD_CLOEXEC));
+	CHECK(fcntl(lst, F_SETFL, fcntl(lst, F_GETFL) | O_NONBLOCK));
+	int r = accept4(lst, NULL, NULL, SOCK_NONBLOCK);
+	printf("accept4 empty %d %s\n", r < 0 ? -1 : 0, ename(r < 0 ? errno : 0));
+	int c2;
+	struct sockaddr_in a;
+	socklen_t len = sizeof a;
+	CHECK(getsockname(lst, (struct sockaddr *)&a, &len));
+	CHECK(c2 = socket(AF_INET, SOCK_STREAM, 0));
+	CHECK(connect(c2, (struct sockaddr *)&a, sizeof a));
+	struct pollfd p = { .fd = lst, .events = POLLIN };
+	poll(&p, 1, 10000);
+	struct sockaddr_in6 big;
+	socklen_t small = 4; /* truncated address, full length reported */
+	int s2 = accept4(lst, (struct sockaddr *)&big, &small, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	CHECK(s2);
+	fl = fcntl(s2, F_GETFL), fd = fcntl(s2, F_GETFD);
+	printf("accept4: nonblock %d cloexec %d addrlen %u\n", !!(fl & O_NONBLOCK),
+	       !!(fd & FD_CLOEXEC), small);
+	r = accept(cli, NULL, NULL);
+	printf("accept on a connected socket %d %s\n", r < 0 ? -1 : 0, ename(r < 0 ? errno : 0));
+	int u = socket(AF_INET, SOCK_STREAM, 0);
+	r = accept(u, NULL, NULL);
+	printf("accept on a fresh socket %d %s\n", r < 0 ? -1 : 0, ename(r < 0 ? errno : 0));
+	struct sockaddr_in nowhere;
+	len = sizeof nowhere;
+	r = getpeername(u, (struct sockaddr *)&nowhere, &len);
+	printf("getpeername unconnected %d %s\n", r, ename(r < 0 ? errno : 0));
+	int nb = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	printf("socket flags: nonblock %d cloexec %d\n", !!(fcntl(nb, F_GETFL) & O_NONBLOCK),
+	       !!(fcntl(nb, F_GETFD) & FD_CLOEXEC));
+	int plain = socket(AF_INET, SOCK_DGRAM, 0);
+	printf("plain flags: nonblock %d cloexec %d\n", !!(fcntl(plain, F_GETFL) & O_NONBLOCK),
+	       !!(fcntl(plain, F_GETFD) & FD_CLOEXEC));
+	return 0;
+}
+
+/* The _chk variants (built with _FORTIFY_SOURCE=2: recv/recvfrom/read on a buffer of
+ * known size become __recv_chk & co) on UDP. */
+static int chk(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t len = sizeof a;
+	int r = socket(AF_INET, SOCK_DGRAM, 0), s = socket(AF_INET, SOCK_DGRAM, 0);
+	CHECK(bind(r, (struct sockaddr *)&a, sizeof a));
+	CHECK(getsockname(r, (struct sockaddr *)&a, &len));
+	CHECK(connect(s, (struct sockaddr *)&a, sizeof a));
+	char buf[16];
+	volatile size_t room = sizeof buf; /* not a constant: the _chk variant is called */
+	for (int i = 0; i < 3; i++)
+		CHECK(send(s, "chk!", 4, 0));
+	struct sockaddr_in from;
+	socklen_t flen = sizeof from;
+	ssize_t n = recvfrom(r, buf, room, 0, (struct sockaddr *)&from, &flen);
+	printf("recvfrom %zd %.*s family %d\n", n, (int)n, buf, from.sin_family);
+	n = recv(r, buf, room, 0);
+	printf("recv %zd %.*s\n", n, (int)n, buf);
+	n = read(r, buf, room);
+	printf("read %zd %.*s\n", n, (int)n, buf);
+	return 0;
+}
+
+/* vfork + execle with a bare environment, posix_spawn with an empty one: the child
+ * prints LD_PRELOAD. */
+static int spawns(void)
+{
+	char *bare[] = { "PATH=/usr/bin:/bin", NULL };
+	pid_t pid = vfork();
+	if (pid == 0) {
+		execle("/bin/sh", "sh", "-c", "echo vfork+execle LD_PRELOAD=${LD_PRELOAD:+set}", (char *)NULL,
+		       bare);
+		_exit(127);
+	}
+	int st;
+	waitpid(pid, &st, 0);
+	fflush(stdout);
+	char *argv[] = { "sh", "-c", "echo posix_spawn LD_PRELOAD=${LD_PRELOAD:+set}", NULL };
+	char *empty[] = { NULL };
+	CHECK(-posix_spawn(&pid, "/bin/sh", NULL, NULL, argv, empty));
+	waitpid(pid, &st, 0);
+	fflush(stdout);
+	pid = fork();
+	if (pid == 0) {
+		unsetenv("LD_PRELOAD");
+		execlp("sh", "sh", "-c", "echo execlp LD_PRELOAD=${LD_PRELOAD:+set}", (char *)NULL);
+		_exit(127);
+	}
+	waitpid(pid, &st, 0);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	const char *what = argc > 1 ? argv[1] : "";
+	if (!strcmp(what, "eintr"))
+		return eintr();
+	if (!strcmp(what, "sigpipe"))
+		return sigpipe(0);
+	if (!strcmp(what, "nosignal"))
+		return sigpipe(MSG_NOSIGNAL);
+	if (!strcmp(what, "syscall"))
+		return raw_syscalls();
+	if (!strcmp(what, "which"))
+		return which_socket();
+	if (!strcmp(what, "accept"))
+		return accept_flags();
+	if (!strcmp(what, "chk"))
+		return chk();
+	if (!strcmp(what, "spawns"))
+		return spawns();
+	fprintf(stderr, "usage: nkcalls eintr|sigpipe|nosignal|syscall|which|accept|chk|spawns\n");
+	return 2;
+}
