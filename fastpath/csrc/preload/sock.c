@@ -459,8 +459,20 @@ NK_EXPORT int fcntl64(int fd, int cmd, ...)
 	return fcntl_common(REAL(fcntl64), fd, cmd, arg);
 }
 
-/* FIONREAD on UDP: the next datagram's size, which only the agent knows (the app
- * end holds it with its header). TCP: the app end's byte count, the kernel's. */
+/* FIONREAD on UDP is the size of the next datagram (Linux): the kernel's FIONREAD
+ * on a seqpacket socket is every queued record with its header. So: the next record
+ * in the app end, peeked (MSG_TRUNC gives its full length), else whatever the agent
+ * still holds for it (NK_AG_NREAD). TCP: the app end's byte count, the kernel's. */
+static int64_t next_datagram(int fd, uint64_t ino)
+{
+	struct nk_ag_dgram h;
+	ssize_t n = REAL(recv)(fd, &h, sizeof h, MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT);
+	if (n >= (ssize_t)sizeof h)
+		return n - (ssize_t)sizeof h;
+	struct nk_ag_rep rep;
+	return request(NK_AG_NREAD, ino, NULL, 0, 0, 0, 0, &rep);
+}
+
 NK_EXPORT int ioctl(int fd, unsigned long req, ...)
 {
 	va_list ap;
@@ -471,8 +483,7 @@ NK_EXPORT int ioctl(int fd, unsigned long req, ...)
 		uint32_t kind;
 		uint64_t ino;
 		if (ours(fd, &kind, &ino)) {
-			struct nk_ag_rep rep;
-			int64_t r = request(NK_AG_NREAD, ino, NULL, 0, 0, 0, 0, &rep);
+			int64_t r = next_datagram(fd, ino);
 			if (r < 0)
 				return nk_fail((int)-r);
 			if (arg == NULL)
