@@ -263,6 +263,42 @@ static int spawns(void)
 	return 0;
 }
 
+/* A daemon closes every fd it does not know (the library's control connection among
+ * them), or dup2s over them: the library notices and reconnects. */
+static int closeall(void)
+{
+	int lst, cli, srv;
+	tcp_trio(&lst, &cli, &srv);
+	for (int fd = 3; fd < 1024; fd++)
+		if (fd != lst)
+			close(fd);
+	int c, s;
+	struct sockaddr_in a;
+	socklen_t len = sizeof a;
+	CHECK(getsockname(lst, (struct sockaddr *)&a, &len));
+	CHECK(c = socket(AF_INET, SOCK_STREAM, 0));
+	CHECK(connect(c, (struct sockaddr *)&a, sizeof a));
+	CHECK(s = accept(lst, NULL, NULL));
+	printf("after closing every fd: connected\n");
+	int null = open("/dev/null", O_RDONLY);
+	for (int fd = 3; fd < 1024; fd++)
+		if (fd != lst && fd != null)
+			dup2(null, fd);
+	for (int fd = 3; fd < 1024; fd++)
+		if (fd != lst && fd != null)
+			close(fd);
+	CHECK(c = socket(AF_INET, SOCK_STREAM, 0));
+	CHECK(connect(c, (struct sockaddr *)&a, sizeof a));
+	CHECK(s = accept(lst, NULL, NULL));
+	CHECK(send(c, "x", 1, 0));
+	char b;
+	printf("after dup2 over every fd: %zd\n", recv(s, &b, 1, 0));
+	CHECK(close_range(3, ~0U, 0));
+	CHECK(c = socket(AF_INET, SOCK_DGRAM, 0));
+	printf("after close_range: udp socket %d\n", c >= 0);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -281,8 +317,10 @@ int main(int argc, char **argv)
 		return accept_flags();
 	if (!strcmp(what, "chk"))
 		return chk();
+	if (!strcmp(what, "closeall"))
+		return closeall();
 	if (!strcmp(what, "spawns"))
 		return spawns();
-	fprintf(stderr, "usage: nkcalls eintr|sigpipe|nosignal|syscall|which|accept|chk|spawns\n");
+	fprintf(stderr, "usage: nkcalls eintr|sigpipe|nosignal|syscall|which|accept|chk|closeall|spawns\n");
 	return 2;
 }

@@ -261,8 +261,14 @@ def fork_inherit() -> None:
 def exec_inherit(stage: str = "parent", fd: str = "") -> None:
     """A socket without CLOEXEC survives exec; LD_PRELOAD cleared by the program is put back."""
     if stage == "child":
-        s = socket.socket(fileno=int(fd))
+        tcp_fd, udp_fd = (int(x) for x in fd.split(","))
+        s = socket.socket(fileno=tcp_fd)
         say("child name is inet", s.family == socket.AF_INET or s.family)
+        say("child sockname", s.getsockname()[0])
+        u = socket.socket(fileno=udp_fd)
+        data, src = u.recvfrom(100)
+        say("child udp", data, src[0])
+        u.sendto(b"udp back", src)
         s.sendall(b"from exec")
         say("child got", recv_all(s, 6))
         say("child new socket works", bool(socket.socket().fileno() >= 0))
@@ -272,12 +278,20 @@ def exec_inherit(stage: str = "parent", fd: str = "") -> None:
     c = socket.create_connection(lst.getsockname())
     srv, _ = lst.accept()
     c.set_inheritable(True)
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("127.0.0.1", 0))
+    u.set_inheritable(True)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.sendto(b"before exec", u.getsockname())
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     pid = os.fork()
     if pid == 0:
         os.execve(sys.executable, [sys.executable, __file__, "exec_inherit", "child",
-                                   str(c.fileno())], env)
+                                   f"{c.fileno()},{u.fileno()}"], env)
     c.close()
+    u.close()
+    say("parent udp", peer.recvfrom(100)[0])
     say("parent got", recv_all(srv, 9))
     srv.sendall(b"answer")
     say("child status", os.waitpid(pid, 0)[1])
