@@ -32,6 +32,7 @@
 #define AG_CHUNK_MAX (64u << 10) /* the most one SEND carries */
 #define AG_SLEEP_MS 50         /* RING-7: every sleep is bounded */
 #define AG_BUSY_SLEEP_MS 1     /* while an outbox waits for ring room (RING-4: no bell) */
+#define AG_SPIN_NS 0          /* see main.c's round_once */
 #define AG_TICK_MS 20          /* DETACHED header, watched sockets, throttled listeners */
 #define AG_EXIT_NS 5000000000LL /* GL-10: how long the exit waits for SEND/CLOSE replies */
 #define AG_CONN_MAX_PENDING 64 /* replies a connection may have queued before we stop reading */
@@ -147,6 +148,7 @@ struct ag {
 	uint32_t bell_seen;
 	char *path;
 	int64_t idle_ns;
+	int64_t spin_ns;         /* poll this long after the last work before sleeping */
 	int64_t idle_since;
 	bool hold_eof;
 	bool ce_dead;            /* the CoreEngine is gone (RT-4, GL-9) */
