@@ -34,6 +34,9 @@ model):
                ``create_connection``, ``create_server``; the instance is the one
                ``NETKERNEL_INSTANCE`` names; tests about a whole process import it by
                ``__name__`` in a child Python (netkernel.reference.guestlib)
+``preload``    ``paths()`` returning ``.lib`` (the LD_PRELOAD library) and ``.agent``
+               (the agent program) of a GuestLib for unmodified programs
+               (spec/preload.md; netkernel.fastpath.preload). The reference has none.
 
 Roles played by a process (the running CoreEngine, ``nsm``) are started by the
 suite for each instance it creates (``netkernel.conformance.runtime``). Where a
@@ -57,7 +60,7 @@ from types import ModuleType
 from typing import IO, Any
 
 ROLES = ("codec", "device", "ring", "bufpool", "sockets", "conntable", "coreengine", "nsm",
-         "guestlib")
+         "guestlib", "preload")
 
 
 class RoleMissing(LookupError):
@@ -193,7 +196,14 @@ def reference() -> Target:
                              for role, mod in _REFERENCE_MODULES.items() if role != "nsm"}
     roles["coreengine"] = WithProcess(roles["coreengine"], REFERENCE_PROCESSES["coreengine"])
     roles["nsm"] = REFERENCE_PROCESSES["nsm"]
-    return Target("reference", roles, frozenset({"FUTEX_BELLS"}))
+    return Target("reference", roles, frozenset({"FUTEX_BELLS"}), dict(REFERENCE_NOT_APPLICABLE))
+
+
+#: What the reference deliberately leaves to other targets, and why (the report says it).
+REFERENCE_NOT_APPLICABLE = {
+    "preload": "the reference's tenant side is the Python GuestLib (guestlib role); the"
+               " LD_PRELOAD GuestLib for unmodified programs is C (--target fastpath)",
+}
 
 
 def exec_nsm(cmd: str) -> Target:

@@ -8,7 +8,10 @@ a file whose first line says ``cffi: packed`` is declared packed. They repeat
 the prototypes of the headers, which is what cffi needs; API mode compiles
 every declaration against the real header, so a mismatch fails the build.
 
-``python fastpath/build.py [--sanitize] --out DIR`` builds the same extension
+``build_tools`` compiles the preloaded GuestLib's two programs, ``libnkpreload.so``
+and ``nk-agent`` (``csrc/preload/``, ``csrc/agent/``), next to the extension.
+
+``python fastpath/build.py [--sanitize] [--tools] --out DIR`` builds the same extension
 (with AddressSanitizer and UndefinedBehaviorSanitizer) into ``DIR`` and prints
 its path; ``NETKERNEL_FASTPATH_EXT`` pointed at it loads it instead of the
 installed one.
@@ -74,6 +77,38 @@ def make(sanitize: bool = False, relative: bool = True) -> FFI:
 
 ffibuilder = make(sanitize=False)
 
+#: The preloaded GuestLib (spec/preload.md): what each artefact is built from. nk-agent
+#: links the core's codec, device checks and buffer pool; the library needs libc only.
+AGENT = "nk-agent"
+PRELOAD = "libnkpreload.so"
+_AGENT_CORE = ("nqe.c", "bufpool.c", "device.c")
+
+
+def build_tools(out: Path, sanitize: bool = False) -> tuple[Path, Path]:
+    """Compile ``libnkpreload.so`` and ``nk-agent`` into ``out``; their paths.
+
+    The same commands as ``make -C fastpath/csrc agent preload``; ``pip install``
+    runs this next to the extension (setup.py), so an installed package has both.
+    """
+    import subprocess
+
+    cc = _compiler()
+    out.mkdir(parents=True, exist_ok=True)
+    flags = [*CFLAGS, f"-I{CSRC / 'include'}", *(SANITIZE if sanitize else [])]
+    agent_srcs = sorted((CSRC / "agent").glob("*.c")) + [CSRC / c for c in _AGENT_CORE]
+    lib, agent = out / PRELOAD, out / AGENT
+    for argv in (
+        [cc, *flags, "-fPIC", "-shared", "-o", str(lib),
+         *map(str, sorted((CSRC / "preload").glob("*.c"))), "-ldl", "-lpthread"],
+        [cc, *flags, "-o", str(agent), *map(str, agent_srcs), "-lpthread"],
+    ):
+        try:
+            subprocess.run(argv, check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as exc:
+            raise SystemExit(f"netkernel: building {argv[argv.index('-o') + 1]} failed:\n"
+                             f"{exc.stderr}") from None
+    return lib, agent
+
 def main(argv: list[str]) -> None:
     """``build.py [--sanitize] --out DIR``: build the extension into DIR, print the .so's path.
 
@@ -86,8 +121,13 @@ def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="fastpath/build.py")
     ap.add_argument("--sanitize", action="store_true", help="ASan + UBSan")
     ap.add_argument("--out", required=True, type=Path, help="build directory")
+    ap.add_argument("--tools", action="store_true",
+                    help="build libnkpreload.so and nk-agent instead; print their paths")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.tools:
+        print(*build_tools(args.out.resolve(), sanitize=args.sanitize), sep="\n")
+        return
     ffi = make(sanitize=args.sanitize, relative=False)
     so = ffi.compile(tmpdir=str(args.out.resolve()), verbose=False)
     print(so)

@@ -21,6 +21,7 @@ MODULES = {
     "conntable": "netkernel.fastpath.conntable",
     "coreengine": "netkernel.fastpath.engine",
     "guestlib": "netkernel.fastpath.guestlib",
+    "preload": "netkernel.fastpath.preload",
 }
 PROCESSES = {
     "coreengine": Launcher(("{python}", "-m", "netkernel.fastpath.coreengine",

@@ -324,6 +324,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.cli_main(args)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from netkernel import run
+
+    return run.cli_main(args.cmd, instance=args.instance, nsm=args.nsm, impl=args.impl,
+                        prog=args.prog)
+
+
 def _add_instance_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def impl_arg(p: argparse.ArgumentParser) -> None:
         from netkernel.instance import DEFAULT_IMPL, IMPLS
@@ -359,6 +366,16 @@ def _add_instance_commands(commands: argparse._SubParsersAction[argparse.Argumen
                    help="bytes the server serves (default 1 MiB of random bytes)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for each step (start, transfer)")
+
+    p = _add_command(commands, "run", cmd_run,
+                     "run an unmodified program with its sockets over NetKernel (LD_PRELOAD)",
+                     epilog="example: netkernel run -- curl -s http://127.0.0.1:8080/")
+    instance_arg(p)
+    p.add_argument("--nsm", default="kernel", choices=["kernel"],
+                   help="the NSM of the embedded instance started when none is running")
+    impl_arg(p)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                   help="the program and its arguments")
 
     p = _add_command(commands, "down", cmd_down,
                      "stop the instance and remove its runtime directory")
