@@ -154,7 +154,7 @@ def test_true_and_ls_unchanged(programs: dict[str, Path], agent: dict[str, str],
 # --- rung 2: the API, scenario by scenario -------------------------------------------
 
 INET_SCENARIOS = ["tcp_pair", "nonblocking_connect", "epoll_sets", "dup_fcntl",
-                  "fork_inherit", "exec_inherit", "udp", "eintr", "threads"]
+                  "fork_inherit", "exec_inherit", "udp", "eintr", "threads", "fork_threads"]
 
 
 @pytest.mark.parametrize("name", INET_SCENARIOS)
@@ -184,7 +184,7 @@ def test_unix_sockets_untouched(agent: dict[str, str], inst: str) -> None:
         assert nsm_sockets(inst) == before
 
 
-@pytest.mark.parametrize("name", ["eintr", "nosignal", "syscall", "accept", "chk",
+@pytest.mark.parametrize("name", ["eintr", "nosignal", "syscall", "accept", "chk", "mmsg",
                                   "closeall"])
 def test_c_calls_match_linux(programs: dict[str, Path], agent: dict[str, str], inst: str,
                              name: str) -> None:

@@ -18,6 +18,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -299,6 +300,91 @@ static int closeall(void)
 	return 0;
 }
 
+/* sendmmsg/recvmmsg, readv/writev, sendmsg/recvmsg names on UDP; SO_RCVTIMEO; an
+ * address given to sendto/sendmsg on a connected TCP socket; recvfrom on TCP. */
+static int mmsg(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t len = sizeof a;
+	int r = socket(AF_INET, SOCK_DGRAM, 0), s = socket(AF_INET, SOCK_DGRAM, 0);
+	CHECK(bind(r, (struct sockaddr *)&a, sizeof a));
+	CHECK(getsockname(r, (struct sockaddr *)&a, &len));
+	char *words[] = { "alpha", "beta", "gamma" };
+	struct iovec iov[3];
+	struct mmsghdr out[3];
+	memset(out, 0, sizeof out);
+	for (int i = 0; i < 3; i++) {
+		iov[i] = (struct iovec){ words[i], strlen(words[i]) };
+		out[i].msg_hdr = (struct msghdr){ .msg_name = &a, .msg_namelen = sizeof a,
+						  .msg_iov = &iov[i], .msg_iovlen = 1 };
+	}
+	int n = sendmmsg(s, out, 3, 0);
+	printf("sendmmsg %d: %u %u %u\n", n, out[0].msg_len, out[1].msg_len, out[2].msg_len);
+	char bufs[4][16];
+	struct iovec in_iov[4];
+	struct sockaddr_in from[4];
+	struct mmsghdr in[4];
+	memset(in, 0, sizeof in);
+	for (int i = 0; i < 4; i++) {
+		in_iov[i] = (struct iovec){ bufs[i], sizeof bufs[i] };
+		in[i].msg_hdr = (struct msghdr){ .msg_name = &from[i], .msg_namelen = sizeof from[i],
+						 .msg_iov = &in_iov[i], .msg_iovlen = 1 };
+	}
+	struct pollfd p = { .fd = r, .events = POLLIN };
+	poll(&p, 1, 10000);
+	usleep(100000); /* all three queued */
+	n = recvmmsg(r, in, 4, MSG_WAITFORONE, NULL);
+	printf("recvmmsg %d:", n);
+	for (int i = 0; i < n; i++)
+		printf(" %.*s/%u/%d", (int)in[i].msg_len, bufs[i], in[i].msg_hdr.msg_namelen,
+		       from[i].sin_family);
+	printf("\n");
+	/* Two iovecs each way. */
+	CHECK(connect(s, (struct sockaddr *)&a, sizeof a));
+	struct iovec two[2] = { { "head-", 5 }, { "tail", 4 } };
+	printf("writev %zd\n", writev(s, two, 2));
+	char h[3], t[16] = { 0 };
+	struct iovec back[2] = { { h, sizeof h }, { t, sizeof t } };
+	ssize_t got = readv(r, back, 2);
+	printf("readv %zd %.3s|%s\n", got, h, t);
+	/* recvmsg: MSG_TRUNC in msg_flags, the name filled, no control messages. */
+	CHECK(send(s, "0123456789", 10, 0));
+	char small[4];
+	struct iovec siov = { small, sizeof small };
+	struct sockaddr_in src;
+	char ctl[64];
+	struct msghdr mh = { .msg_name = &src, .msg_namelen = sizeof src, .msg_iov = &siov,
+			     .msg_iovlen = 1, .msg_control = ctl, .msg_controllen = sizeof ctl };
+	got = recvmsg(r, &mh, 0);
+	printf("recvmsg %zd trunc %d namelen %u controllen %zu\n", got, !!(mh.msg_flags & MSG_TRUNC),
+	       mh.msg_namelen, (size_t)mh.msg_controllen);
+	CHECK(send(s, "0123456789", 10, 0));
+	got = recv(r, small, sizeof small, MSG_TRUNC);
+	printf("recv MSG_TRUNC %zd\n", got);
+	/* SO_RCVTIMEO: a blocking recv gives up with EAGAIN. */
+	struct timeval tv = { 0, 200000 };
+	CHECK(setsockopt(r, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv));
+	struct timeval tv2;
+	socklen_t tl = sizeof tv2;
+	CHECK(getsockopt(r, SOL_SOCKET, SO_RCVTIMEO, &tv2, &tl));
+	printf("rcvtimeo %ld.%06ld\n", (long)tv2.tv_sec, (long)tv2.tv_usec);
+	got = recv(r, small, sizeof small, 0);
+	printf("recv timeout %zd %s\n", got, ename(got < 0 ? errno : 0));
+	/* TCP: an address given to a connected socket is ignored; recvfrom names nobody. */
+	int lst, cli, srv;
+	tcp_trio(&lst, &cli, &srv);
+	printf("tcp sendto %zd\n", sendto(cli, "abc", 3, 0, (struct sockaddr *)&a, sizeof a));
+	struct iovec one = { "def", 3 };
+	struct msghdr tm = { .msg_name = &a, .msg_namelen = sizeof a, .msg_iov = &one, .msg_iovlen = 1 };
+	printf("tcp sendmsg %zd\n", sendmsg(cli, &tm, 0));
+	char tb[8] = { 0 };
+	struct sockaddr_in who;
+	socklen_t wl = sizeof who;
+	got = recvfrom(srv, tb, 6, MSG_WAITALL, (struct sockaddr *)&who, &wl);
+	printf("tcp recvfrom %zd %s addrlen %u\n", got, tb, wl);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -317,10 +403,12 @@ int main(int argc, char **argv)
 		return accept_flags();
 	if (!strcmp(what, "chk"))
 		return chk();
+	if (!strcmp(what, "mmsg"))
+		return mmsg();
 	if (!strcmp(what, "closeall"))
 		return closeall();
 	if (!strcmp(what, "spawns"))
 		return spawns();
-	fprintf(stderr, "usage: nkcalls eintr|sigpipe|nosignal|syscall|which|accept|chk|closeall|spawns\n");
+	fprintf(stderr, "usage: nkcalls eintr|sigpipe|nosignal|syscall|which|accept|chk|mmsg|closeall|spawns\n");
 	return 2;
 }

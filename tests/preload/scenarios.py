@@ -447,6 +447,44 @@ def threads() -> None:
 
 
 @scenario
+def fork_threads() -> None:
+    """fork while other threads make sockets (their control requests in flight): every
+    child makes its own socket and exits; nobody deadlocks (pthread_atfork handler)."""
+    lst = listener()
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            socket.socket().close()
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.getsockname()
+            u.close()
+
+    workers = [threading.Thread(target=churn) for _ in range(3)]
+    for w in workers:
+        w.start()
+    statuses = []
+    for _ in range(10):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                c = socket.create_connection(lst.getsockname(), timeout=20)
+                c.sendall(b"k")
+                c.close()
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        statuses.append(os.waitpid(pid, 0)[1])
+        conn, _ = lst.accept()
+        statuses.append(conn.recv(1) == b"k")
+        conn.close()
+    stop.set()
+    for w in workers:
+        w.join()
+    say("children", statuses == [0, True] * 10)
+
+
+@scenario
 def sleep_then(seconds: str) -> None:
     time.sleep(float(seconds))
 
