@@ -153,7 +153,7 @@ def test_true_and_ls_unchanged(programs: dict[str, Path], agent: dict[str, str],
 
 # --- rung 2: the API, scenario by scenario -------------------------------------------
 
-INET_SCENARIOS = ["tcp_pair", "nonblocking_connect", "epoll_sets", "dup_fcntl",
+INET_SCENARIOS = ["tcp_pair", "nonblocking_connect", "unconnected", "epoll_sets", "dup_fcntl",
                   "fork_inherit", "exec_inherit", "udp", "eintr", "threads", "fork_threads"]
 
 

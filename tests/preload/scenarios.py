@@ -168,6 +168,35 @@ def nonblocking_connect() -> None:
 
 
 @scenario
+def unconnected() -> None:
+    """Data calls on stream sockets without a connection: fresh, listening, refused."""
+    def attempt(what: str, call: Callable[[], object]) -> None:
+        try:
+            say(what, "returned", call())
+        except OSError as exc:
+            say(what, err_name(exc))
+
+    fresh = socket.socket()
+    attempt("fresh recv", lambda: fresh.recv(10))
+    attempt("fresh send", lambda: fresh.send(b"x", socket.MSG_NOSIGNAL))
+    attempt("fresh recvfrom", lambda: fresh.recvfrom(10))
+    attempt("fresh getpeername", fresh.getpeername)
+    lst = listener()
+    attempt("listening recv", lambda: lst.recv(10))
+    attempt("listening send", lambda: lst.send(b"x", socket.MSG_NOSIGNAL))
+    attempt("listening accept is fine", lambda: lst.setblocking(False) or lst.accept())
+    port = lst.getsockname()[1]
+    lst.close()
+    refused = socket.socket()
+    attempt("refused connect", lambda: refused.connect(("127.0.0.1", port)))
+    attempt("refused send", lambda: refused.send(b"x", socket.MSG_NOSIGNAL))
+    attempt("refused recv", lambda: refused.recv(10))
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.write(fresh.fileno(), b"dies")
+    say("not reached")
+
+
+@scenario
 def epoll_sets() -> None:
     """One fd in two epoll sets, and an epoll set inside another."""
     lst = listener()
