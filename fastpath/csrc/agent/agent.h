@@ -32,6 +32,7 @@
 #define AG_CHUNK_MAX (64u << 10) /* the most one SEND carries */
 #define AG_SLEEP_MS 50         /* RING-7: every sleep is bounded */
 #define AG_BUSY_SLEEP_MS 1     /* while an outbox waits for ring room (RING-4: no bell) */
+#define AG_SPIN_NS 0          /* see main.c's round_once */
 #define AG_TICK_MS 20          /* DETACHED header, watched sockets, throttled listeners */
 #define AG_EXIT_NS 5000000000LL /* GL-10: how long the exit waits for SEND/CLOSE replies */
 #define AG_CONN_MAX_PENDING 64 /* replies a connection may have queued before we stop reading */
@@ -102,6 +103,10 @@ struct ag_sock {
 	uint32_t rec_size;       /* SIOCOUTQ bytes of one accept record (measured) */
 	struct ag_pend *shut_pend; /* NK_AG_SHUTDOWN waiting for the bytes before it */
 	int shut_how;
+	uint64_t read_total;     /* bytes read from the agent end so far */
+	uint64_t shut_mark;      /* read_total once the bytes before the SHUTDOWN are read */
+	int64_t watch_at;        /* next sock_diag look at a watched app end */
+	int64_t watch_gap;
 	struct ag_rx *rx;        /* FIFO of EV_DATA not yet written into the agent end */
 	uint32_t rx_head, rx_len, rx_cap;
 	struct ag_sock *hnext;   /* ino hash chain */
@@ -147,11 +152,13 @@ struct ag {
 	uint32_t bell_seen;
 	char *path;
 	int64_t idle_ns;
+	int64_t spin_ns;         /* poll this long after the last work before sleeping */
 	int64_t idle_since;
 	bool hold_eof;
 	bool ce_dead;            /* the CoreEngine is gone (RT-4, GL-9) */
 	bool nsm_dead;           /* EV_ERROR on socket 0: the NSM is gone (CE-19) */
 	bool stopping;           /* SIGTERM */
+	bool debug;              /* NK_AGENT_DEBUG: a line per CLOSE, counters at exit */
 	int nsm_err;
 	/* sockets */
 	struct ag_sock **socks;  /* socks[id - 1] */

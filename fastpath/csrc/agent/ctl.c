@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -127,6 +128,10 @@ void ag_reply_call(struct ag *a, struct ag_call *c, int64_t result)
 				ag_sock_discard(a, s);
 		}
 		break;
+	case NK_OP_CONNECT:
+		if (s && s->stream && result == 0)
+			s->connected = true; /* a second attempt, answered synchronously */
+		break;
 	case NK_OP_LISTEN:
 		if (s && result == 0 && !s->listening) {
 			s->listening = true;
@@ -218,6 +223,11 @@ static void do_socket(struct ag *a, struct ag_pend *p, const struct nk_ag_req *r
 static void do_connect(struct ag *a, struct ag_pend *p, struct ag_sock *s,
 		       const struct nk_ag_req *r)
 {
+	if (s->stream && s->settled && !s->connected && !s->listening && s->so_error) {
+		int e = s->so_error; /* a connect after a failed one reports it, as Linux does */
+		s->so_error = 0;
+		return ag_pend_done(a, p, -e);
+	}
 	if (!s->stream || (s->settled && !s->connected && !s->listening)) {
 		/* a datagram, or a stream whose first attempt failed: the reply is the result */
 		nqe_call(a, p, s, NK_OP_CONNECT, 0, r->data, r->len, 0, 0);
@@ -287,8 +297,12 @@ static void do_shutdown(struct ag *a, struct ag_pend *p, struct ag_sock *s, int 
 	if (s->shut_pend || (s->wr_shut && how == SHUT_WR))
 		return ag_pend_done(a, p, 0); /* already on its way */
 	/* the app end is shut already: the SHUTDOWN leaves after the bytes before the EOF */
+	int queued = 0; /* the app end is shut: what the agent end holds is all there is */
+	if (ioctl(s->fd, FIONREAD, &queued) < 0 || queued < 0)
+		queued = 0;
 	s->shut_pend = p;
 	s->shut_how = how;
+	s->shut_mark = s->read_total + (uint64_t)queued;
 	ag_sock_want_pump(a, s);
 }
 

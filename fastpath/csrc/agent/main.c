@@ -349,6 +349,12 @@ static bool idle(const struct ag *a)
  * previous round found nothing). Returns whether anything happened. */
 static bool round_once(struct ag *a, bool busy)
 {
+	static int64_t last_work;
+	int64_t now = ag_now_ns();
+	if (busy)
+		last_work = now;
+	else if (now - last_work < a->spin_ns)
+		busy = true; /* spin a little: a sleep costs the bell thread's hop */
 	int n = ag_poll_rings(a);
 	if (n < 0)
 		ce_lost(a); /* RING-10: a broken ring is a device we can no longer use */
@@ -422,6 +428,9 @@ int main(int argc, char **argv)
 	a->listen_fd = a->hold_fd = a->sig_fd = a->diag_fd = a->engine_fd = -1;
 	a->idle_since = -1;
 	a->idle_ns = o.idle_ms * 1000000LL;
+	a->debug = getenv("NK_AGENT_DEBUG") != NULL;
+	const char *spin = getenv("NK_AGENT_SPIN_US");
+	a->spin_ns = spin ? atoll(spin) * 1000 : AG_SPIN_NS;
 	a->path = (char *)o.socket;
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGINT, SIG_IGN);
@@ -476,7 +485,7 @@ int main(int argc, char **argv)
 	int rc = run(a);
 	atomic_store_explicit(&a->quit, true, memory_order_release);
 	pthread_join(a->bell_thread, NULL); /* it sees quit within one sleep (RING-7) */
-	if (getenv("NK_AGENT_DEBUG"))
+	if (a->debug)
 		fprintf(stderr, "nk-agent: sends %llu events %llu bells %llu\n",
 			(unsigned long long)a->n_sends, (unsigned long long)a->n_events,
 			(unsigned long long)a->n_bells);

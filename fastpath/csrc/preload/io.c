@@ -32,6 +32,21 @@ static bool is_stream(uint32_t kind)
 	return kind & NK_AG_KIND_STREAM;
 }
 
+/* A stream socket without a connection (never connected, or listening): Linux
+ * says ENOTCONN to a receive and EPIPE (with SIGPIPE) to a send; the app end would
+ * block instead (PRE-5). */
+static ssize_t no_stream_recv(void)
+{
+	return nk_fail(ENOTCONN);
+}
+
+static ssize_t no_stream_send(int flags)
+{
+	if (!(flags & MSG_NOSIGNAL))
+		raise(SIGPIPE);
+	return nk_fail(EPIPE);
+}
+
 static ssize_t dgram_send(int fd, uint32_t kind, const struct iovec *iov, size_t iovcnt,
 			  int flags, const struct sockaddr *to, socklen_t tolen)
 {
@@ -103,7 +118,10 @@ static ssize_t dgram_recv(int fd, const struct iovec *iov, size_t iovcnt, int fl
 
 NK_EXPORT ssize_t read(int fd, void *buf, size_t len)
 {
-	if (is_dgram(nk_fd_kind_fast(fd))) {
+	uint32_t kind = nk_fd_kind_fast(fd);
+	if (kind & NK_FD_NO_STREAM)
+		return no_stream_recv();
+	if (is_dgram(kind)) {
 		struct iovec v = { buf, len };
 		return dgram_recv(fd, &v, 1, 0, NULL, NULL, NULL);
 	}
@@ -113,6 +131,8 @@ NK_EXPORT ssize_t read(int fd, void *buf, size_t len)
 NK_EXPORT ssize_t write(int fd, const void *buf, size_t len)
 {
 	uint32_t kind = nk_fd_kind_fast(fd);
+	if (kind & NK_FD_NO_STREAM)
+		return no_stream_send(0);
 	if (is_dgram(kind)) {
 		struct iovec v = { (void *)buf, len };
 		return dgram_send(fd, kind, &v, 1, 0, NULL, 0);
@@ -122,7 +142,10 @@ NK_EXPORT ssize_t write(int fd, const void *buf, size_t len)
 
 NK_EXPORT ssize_t readv(int fd, const struct iovec *iov, int cnt)
 {
-	if (is_dgram(nk_fd_kind_fast(fd))) {
+	uint32_t kind = nk_fd_kind_fast(fd);
+	if (kind & NK_FD_NO_STREAM)
+		return no_stream_recv();
+	if (is_dgram(kind)) {
 		if (cnt < 0)
 			return nk_fail(EINVAL);
 		return dgram_recv(fd, iov, (size_t)cnt, 0, NULL, NULL, NULL);
@@ -133,6 +156,8 @@ NK_EXPORT ssize_t readv(int fd, const struct iovec *iov, int cnt)
 NK_EXPORT ssize_t writev(int fd, const struct iovec *iov, int cnt)
 {
 	uint32_t kind = nk_fd_kind_fast(fd);
+	if (kind & NK_FD_NO_STREAM)
+		return no_stream_send(0);
 	if (is_dgram(kind)) {
 		if (cnt < 0)
 			return nk_fail(EINVAL);
@@ -144,6 +169,8 @@ NK_EXPORT ssize_t writev(int fd, const struct iovec *iov, int cnt)
 NK_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags)
 {
 	uint32_t kind = nk_fd_kind_fast(fd);
+	if (kind & NK_FD_NO_STREAM)
+		return no_stream_send(flags);
 	if (is_dgram(kind)) {
 		struct iovec v = { (void *)buf, len };
 		return dgram_send(fd, kind, &v, 1, flags, NULL, 0);
@@ -153,7 +180,10 @@ NK_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags)
 
 NK_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags)
 {
-	if (is_dgram(nk_fd_kind_fast(fd))) {
+	uint32_t kind = nk_fd_kind_fast(fd);
+	if (kind & NK_FD_NO_STREAM)
+		return no_stream_recv();
+	if (is_dgram(kind)) {
 		struct iovec v = { buf, len };
 		return dgram_recv(fd, &v, 1, flags, NULL, NULL, NULL);
 	}
@@ -164,6 +194,8 @@ NK_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
 			 __CONST_SOCKADDR_ARG to, socklen_t tolen)
 {
 	uint32_t kind = nk_fd_kind_fast(fd);
+	if (kind & NK_FD_NO_STREAM)
+		return no_stream_send(flags);
 	if (is_dgram(kind)) {
 		struct iovec v = { (void *)buf, len };
 		return dgram_send(fd, kind, &v, 1, flags, SA(to), tolen);
@@ -177,6 +209,8 @@ NK_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, __SOCKADDR_
 			   socklen_t *fromlen)
 {
 	uint32_t kind = nk_fd_kind_fast(fd);
+	if (kind & NK_FD_NO_STREAM)
+		return no_stream_recv();
 	if (is_dgram(kind)) {
 		struct iovec v = { buf, len };
 		return dgram_recv(fd, &v, 1, flags, SA(from), fromlen, NULL);
@@ -193,6 +227,8 @@ NK_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, __SOCKADDR_
 NK_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 {
 	uint32_t kind = nk_fd_kind_fast(fd);
+	if (kind & NK_FD_NO_STREAM)
+		return no_stream_send(flags);
 	if (is_dgram(kind))
 		return dgram_send(fd, kind, msg->msg_iov, msg->msg_iovlen, flags, msg->msg_name,
 				  msg->msg_namelen);
@@ -208,6 +244,8 @@ NK_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 NK_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
 {
 	uint32_t kind = nk_fd_kind_fast(fd);
+	if (kind & NK_FD_NO_STREAM)
+		return no_stream_recv();
 	if (is_dgram(kind)) {
 		msg->msg_controllen = 0; /* no IP_PKTINFO & co (docs/preload-calls.md) */
 		return dgram_recv(fd, msg->msg_iov, msg->msg_iovlen, flags, msg->msg_name,

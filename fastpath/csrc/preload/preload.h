@@ -103,6 +103,11 @@ struct nk_fd {
 /* A datagram socket created here and not connected yet: send without an address is
  * EDESTADDRREQ. (Unknown after exec: then the agent decides.) */
 #define NK_FD_UNCONNECTED 0x100
+/* A stream socket made here that never connected (or whose blocking connect failed):
+ * its app end holds the filler, so the kernel would block where Linux says ENOTCONN
+ * (receive) or EPIPE (send). With LISTEN: no byte stream at all. */
+#define NK_FD_FRESH 0x200
+#define NK_FD_NO_STREAM (NK_FD_FRESH | NK_AG_KIND_LISTEN)
 
 NK_HIDDEN struct nk_fd *nk_fd_get(int fd);              /* NULL: none, never allocates */
 NK_HIDDEN void nk_fd_set(int fd, uint32_t state, uint32_t kind, uint64_t ino);

@@ -72,7 +72,7 @@ NK_EXPORT int socket(int domain, int type, int protocol)
 	/* Received with MSG_CMSG_CLOEXEC: no window where exec in another thread leaks it.
 	 * Linux sockets are inherited across exec unless SOCK_CLOEXEC: so is ours. */
 	set_flags(fd, type & SOCK_CLOEXEC, type & SOCK_NONBLOCK);
-	uint32_t kind = base == SOCK_STREAM ? NK_AG_KIND_STREAM
+	uint32_t kind = base == SOCK_STREAM ? NK_AG_KIND_STREAM | NK_FD_FRESH
 					    : NK_AG_KIND_DGRAM | NK_FD_UNCONNECTED;
 	if (domain == AF_INET6)
 		kind |= NK_AG_KIND_INET6;
@@ -136,6 +136,7 @@ NK_EXPORT int listen(int fd, int backlog)
 	if (r < 0)
 		return nk_fail((int)-r);
 	nk_fd_add_kind(fd, NK_AG_KIND_LISTEN);
+	nk_fd_del_kind(fd, NK_FD_FRESH);
 	return 0;
 }
 
@@ -178,7 +179,10 @@ static int connect_wait(int fd, uint64_t ino)
 	if (r == 0)
 		return nk_fail(EINPROGRESS); /* SO_SNDTIMEO expired, as Linux */
 	int err = take_so_error(ino);
-	return err ? nk_fail(err) : 0;
+	if (err == 0)
+		return 0;
+	nk_fd_add_kind(fd, NK_FD_FRESH); /* unconnected again, as a failed Linux connect */
+	return nk_fail(err);
 }
 
 NK_EXPORT int connect(int fd, __CONST_SOCKADDR_ARG addr, socklen_t len)
@@ -198,6 +202,8 @@ NK_EXPORT int connect(int fd, __CONST_SOCKADDR_ARG addr, socklen_t len)
 			nk_fd_del_kind(fd, NK_FD_UNCONNECTED);
 		return 0;
 	}
+	if (r == -EINPROGRESS || r == 0)
+		nk_fd_del_kind(fd, NK_FD_FRESH);
 	if (r == -EINPROGRESS)
 		return connect_wait(fd, ino);
 	return r < 0 ? nk_fail((int)-r) : 0;
@@ -459,8 +465,20 @@ NK_EXPORT int fcntl64(int fd, int cmd, ...)
 	return fcntl_common(REAL(fcntl64), fd, cmd, arg);
 }
 
-/* FIONREAD on UDP: the next datagram's size, which only the agent knows (the app
- * end holds it with its header). TCP: the app end's byte count, the kernel's. */
+/* FIONREAD on UDP is the size of the next datagram (Linux): the kernel's FIONREAD
+ * on a seqpacket socket is every queued record with its header. So: the next record
+ * in the app end, peeked (MSG_TRUNC gives its full length), else whatever the agent
+ * still holds for it (NK_AG_NREAD). TCP: the app end's byte count, the kernel's. */
+static int64_t next_datagram(int fd, uint64_t ino)
+{
+	struct nk_ag_dgram h;
+	ssize_t n = REAL(recv)(fd, &h, sizeof h, MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT);
+	if (n >= (ssize_t)sizeof h)
+		return n - (ssize_t)sizeof h;
+	struct nk_ag_rep rep;
+	return request(NK_AG_NREAD, ino, NULL, 0, 0, 0, 0, &rep);
+}
+
 NK_EXPORT int ioctl(int fd, unsigned long req, ...)
 {
 	va_list ap;
@@ -471,8 +489,7 @@ NK_EXPORT int ioctl(int fd, unsigned long req, ...)
 		uint32_t kind;
 		uint64_t ino;
 		if (ours(fd, &kind, &ino)) {
-			struct nk_ag_rep rep;
-			int64_t r = request(NK_AG_NREAD, ino, NULL, 0, 0, 0, 0, &rep);
+			int64_t r = next_datagram(fd, ino);
 			if (r < 0)
 				return nk_fail((int)-r);
 			if (arg == NULL)
