@@ -413,6 +413,16 @@ def nsm_bytes(name: str) -> int:
     return total
 
 
+def tenant(name: str, program: str) -> dict[str, Any] | None:
+    """The CoreEngine's status entry of the newest attached tenant whose agent is named
+    ``program`` (``netkernel run`` names it after the command), if there is one. (An
+    earlier run's agent may still be attached for a moment: it leaves once idle.)"""
+    found = [entry for entry in nk_instance.status(name)["tenants"]
+             if entry.get("name") == program and entry.get("attached")]
+    newest: dict[str, Any] | None = max(found, key=lambda e: int(e["id"]), default=None)
+    return newest
+
+
 # ---- the programs' reports -------------------------------------------------------------
 
 def wrk_report(text: str) -> dict[str, float]:

@@ -81,6 +81,14 @@ def random_file(path: Path, size: int, seed: int) -> str:
     return h.hexdigest()
 
 
+def assert_tenant(instance: str, program: str, sockets: int = 1) -> None:
+    """PRE-1: ``program``, run under NetKernel, is an attached tenant of the instance
+    holding at least ``sockets`` sockets (its listening ones)."""
+    entry = pg.tenant(instance, program)
+    assert entry is not None, f"no tenant {program!r} in {pg.nk_instance.status(instance)}"
+    assert entry["sockets"] >= sockets, entry
+
+
 class Through:
     """The NSM byte counters across a block: ``with Through(name, n): ...`` fails unless
     the instance's NSMs moved at least ``n`` more bytes (both directions summed)."""
@@ -218,6 +226,8 @@ def test_nginx_serves_10mb_file_to_curl_intact(client: str, server: str,
     cvia, svia = side(client, nk_instance_name), side(server, nk_instance_name)
     srv, port = nginx(svia, prefix, docroot)
     with srv, through(nk_instance_name, 3 * BIG_FILE, cvia, svia):
+        if svia.nk:
+            assert_tenant(nk_instance_name, "nginx")
         for k in range(3):
             out = tmp / f"big-{k}"
             fetch(f"http://127.0.0.1:{port}/big.bin", out, cvia).ok()
@@ -293,6 +303,8 @@ def test_redis_benchmark_runs_without_errors(client: str, server: str, tests: st
     only = ["-t", tests] if tests else []
     with pg.tcp_server(pg.redis_server(port), svia, port, tmp / "redis.log"), \
             Through(nk_instance_name, 20000 * 10):
+        if svia.nk:
+            assert_tenant(nk_instance_name, "redis-server")
         res = pg.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-n", "20000",
                       "-q", *only], cvia, timeout=200).ok()
         info = redis_info(port, DIRECT)
@@ -368,6 +380,7 @@ def test_memcached_stores_and_returns_every_value(client: str, nk_instance_name:
 
     with pg.Server(pg.memcached(port, udp_port), nk, ready=ready, log=tmp / "mc.log"), \
             Through(nk_instance_name, 1 << 20):
+        assert_tenant(nk_instance_name, "memcached", sockets=2)
         tcp = json.loads(pg.run(pg.script("memc", "tcp", port, 60, 7), cvia).ok().stdout)
         udp = json.loads(pg.run(pg.script("memc", "udp", udp_port, 60, 8), cvia)
                          .ok().stdout)
