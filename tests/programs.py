@@ -329,13 +329,17 @@ def http_server(port: int, directory: Path) -> list[str]:
             "--directory", str(directory)]
 
 
-def nginx_conf(root: Path, port: int, docroot: Path, *, workers: int = 1) -> list[str]:
+def nginx_conf(root: Path, port: int, docroot: Path, *, workers: int = 1,
+               user: str | None = None) -> list[str]:
     """Write ``root/nginx.conf`` (everything nginx writes stays in ``root``) and return the
     command running nginx in the foreground with a master and ``workers`` workers, which
-    accept on the listening socket they inherit from the master."""
+    accept on the listening socket they inherit from the master. Started as root, the
+    workers run as ``user`` ("nobody nogroup": they drop their privileges, as nginx's
+    default is), or as root by default."""
     for sub in ("tmp", "logs"):
         (root / sub).mkdir(exist_ok=True)
-    user = "" if os.geteuid() != 0 else "user root root;"
+    (root / "tmp").chmod(0o777)
+    user = "" if os.geteuid() != 0 else f"user {user or 'root root'};"
     temps = "\n".join(f"    {kind}_temp_path {root}/tmp/{kind};"
                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (root / "nginx.conf").write_text(f"""\

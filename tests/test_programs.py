@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,9 +207,10 @@ def nginx_site(tmp: Path) -> tuple[Path, Path, str]:
     return prefix, docroot, digest
 
 
-def nginx(via: Via, prefix: Path, docroot: Path) -> tuple[pg.Server, int]:
+def nginx(via: Via, prefix: Path, docroot: Path,
+          user: str | None = None) -> tuple[pg.Server, int]:
     port = pg.free_port()
-    cmd = pg.nginx_conf(prefix, port, docroot)
+    cmd = pg.nginx_conf(prefix, port, docroot, user=user)
     return pg.tcp_server(cmd, via, port, prefix / "console.log"), port
 
 
@@ -278,6 +280,26 @@ def test_nginx_answers_every_ab_request_200(client: str, server: str, nk_instanc
         assert (report["complete"], report["failed"], report["non_2xx"]) == (1000, 0, 0), \
             f"{res}\nnginx's error log:\n{pg.nginx_errors(prefix)}"
     assert pg.nginx_statuses(prefix) == {200: 2000}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's nginx workers change user")
+def test_nginx_workers_that_drop_privileges_keep_their_sockets(
+        nk_instance_name: str, nginx_site: tuple[Path, Path, str]) -> None:
+    """PRE-2, PRE-3 (children): nginx started as root under NetKernel with its default
+    behaviour, workers switching to ``nobody``: keep-alive connections (the worker's own
+    socket calls after the switch: setsockopt TCP_NODELAY) all succeed, as with root
+    workers."""
+    need("nginx", "ab")
+    prefix, docroot, _ = nginx_site
+    nk = pg.under(nk_instance_name)
+    srv, port = nginx(nk, prefix, docroot, user="nobody nogroup")
+    with srv:
+        res = pg.run(["ab", "-q", "-n", "1000", "-c", "8", "-k",
+                      f"http://127.0.0.1:{port}/index.html"], nk, timeout=120).ok()
+    report = pg.ab_report(res.stdout)
+    assert (report["complete"], report["failed"], report["non_2xx"]) == (1000, 0, 0), \
+        f"{res}\nnginx's error log:\n{pg.nginx_errors(prefix)}"
+    assert pg.nginx_statuses(prefix) == {200: 1000}
 
 
 # ---- redis -------------------------------------------------------------------------------
