@@ -51,6 +51,8 @@ struct ag_pend {
 	struct ag_conn *conn;
 	bool ready;
 	int fd;                  /* passed with SCM_RIGHTS, then closed (-1: none) */
+	uint32_t op;             /* the request's (NK_AGENT_DEBUG) */
+	uint64_t ino;
 	struct nk_ag_rep rep;
 };
 

@@ -484,7 +484,8 @@ int main(int argc, char **argv)
 	a->listen_fd = a->hold_fd = a->sig_fd = a->diag_fd = a->engine_fd = -1;
 	a->idle_since = -1;
 	a->idle_ns = o.idle_ms * 1000000LL;
-	a->debug = getenv("NK_AGENT_DEBUG") != NULL;
+	const char *dbg = getenv("NK_AGENT_DEBUG");
+	a->debug = dbg && *dbg && strcmp(dbg, "0") != 0;
 	const char *spin = getenv("NK_AGENT_SPIN_US");
 	a->spin_ns = spin ? atoll(spin) * 1000 : AG_SPIN_NS;
 	a->path = (char *)o.socket;

@@ -519,6 +519,8 @@ void ag_sock_fin(struct ag *a, struct ag_sock *s)
  * app reads EOF and its writes fail with EPIPE. A datagram socket stays usable. */
 static void reset(struct ag *a, struct ag_sock *s, int err)
 {
+	if (a->debug)
+		fprintf(stderr, "nk-agent: socket %u reset: %s\n", s->id, strerror(err));
 	if (!s->so_error)
 		s->so_error = err;
 	if (s->broken)
