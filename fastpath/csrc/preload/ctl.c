@@ -150,6 +150,16 @@ static char **agent_env(void)
 static __attribute__((noreturn)) void exec_agent(const char *bin, char **argv, char **env,
 						 int ready)
 {
+	/* Not the program's signal mask, ignored signals or directory either. */
+	sigset_t none;
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	for (int sig = 1; sig < 32; sig++)
+		if (sig != SIGKILL && sig != SIGSTOP)
+			signal(sig, SIG_DFL);
+	if (chdir("/") < 0) {
+		/* the agent needs no directory: go on */
+	}
 	int null = open("/dev/null", O_RDWR);
 	if (null >= 0) {
 		/* Nothing of the program's: its pipes must see EOF when it exits. */
