@@ -482,7 +482,7 @@ def test_udp_keeps_datagram_boundaries_and_addresses(tenant: Tenant) -> None:
             s.sendto(b"one", dst); s.sendto(b"two!", dst)
             a, src = s.recvfrom(100); b, _ = s.recvfrom(100)
             s.sendto(b"x" * 50, dst)
-            n, flags = s.recvmsg_into([bytearray(10)])[:2]
+            n, _, flags, _ = s.recvmsg_into([bytearray(10)])
             print(a.decode(), b.decode(), src == dst, n, bool(flags & socket.MSG_TRUNC))
         """, str(peer.getsockname()[1]))
         th.join(TIMEOUT)

@@ -20,6 +20,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -90,12 +91,26 @@ def _instance(name: str | None, nsm: str, impl: str) -> Iterator[tuple[str, bool
         inst.down(embedded)
 
 
+#: sun_path holds 108 bytes, the terminating NUL included.
+_SUN_PATH_MAX: Final = 107
+
+
+def agent_socket_path(name: str) -> Path:
+    """Where the agent listens: in the instance's directory, or in the temporary directory
+    when that path would not fit a sockaddr_un (a deep NETKERNEL_ROOT)."""
+    leaf = f"agent-{os.getpid()}-{uuid.uuid4().hex[:6]}.sock"
+    path = shm.instance_dir(name) / leaf
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        path = Path(tempfile.gettempdir()) / f"netkernel-{leaf}"
+    return path
+
+
 class Agent:
     """The tenant's nk-agent, started for one ``run`` (PRE-1): it exits once the command
     and every process it left behind have closed their NetKernel sockets."""
 
     def __init__(self, binary: Path, name: str, label: str) -> None:
-        self.socket = shm.instance_dir(name) / f"agent-{os.getpid()}-{uuid.uuid4().hex[:6]}.sock"
+        self.socket = agent_socket_path(name)
         ready_r, ready_w = os.pipe()
         self._hold_r, self._hold_w = os.pipe()
         os.set_inheritable(self._hold_w, False)
@@ -150,11 +165,13 @@ class Agent:
 
 def environment(base: dict[str, str], name: str, agent: Agent,
                 paths: preload.Paths) -> dict[str, str]:
-    """CMD's environment: the library preloaded first, the agent and the instance named."""
+    """CMD's environment: the library preloaded (after libraries already preloaded, so a
+    sanitizer runtime stays first and its interceptors call ours), the agent and the
+    instance named."""
     env = dict(base)
     others = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split()
               if p != str(paths.lib)]
-    env["LD_PRELOAD"] = " ".join([str(paths.lib), *others])
+    env["LD_PRELOAD"] = " ".join([*others, str(paths.lib)])
     env[preload.SOCKET_ENV] = str(agent.socket)
     env[preload.LIB_ENV] = str(paths.lib)
     env[preload.AGENT_ENV] = str(paths.agent)
@@ -167,10 +184,10 @@ def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = "kernel",
     """Run ``cmd`` over NetKernel; its exit status. RunError when it cannot start."""
     if not cmd:
         raise RunError("no command given (usage: netkernel run [options] -- CMD [ARGS...])")
-    paths = preload.paths()
     program = _resolve(cmd[0], dict(os.environ))
     if program is None:
         raise RunError(f"{cmd[0]}: command not found")
+    paths = preload.paths()
     if static_binary(program):
         raise RunError(f"{program} is statically linked: LD_PRELOAD cannot reach its socket"
                        " calls, so its traffic would bypass NetKernel (spec/preload.md PRE-10)")

@@ -312,6 +312,27 @@ def test_peer_close_is_eof_and_last_close_is_peer_eof(agent: Agent) -> None:
         ctl.close()
 
 
+def test_close_with_unread_data_resets_the_peer(agent: Agent) -> None:
+    """PRE-6, GL-2: the app closes with received data it never read: CLOSE carries ABORT
+    and the kernel peer sees a reset, as with Linux sockets; without unread data the
+    same close is an orderly EOF."""
+    with time_limit(30):
+        lst = kernel_listener()
+        ctl = agent.connect()
+        app, _ = connected(ctl, lst.getsockname()[1])
+        peer, _ = lst.accept()
+        peer.settimeout(10)
+        peer.sendall(b"never read")
+        time.sleep(0.3)  # in the app end's queue
+        app.close()
+        with pytest.raises(ConnectionResetError):
+            while peer.recv(100):
+                pass
+        peer.close()
+        lst.close()
+        ctl.close()
+
+
 def test_listen_accept_records(agent: Agent) -> None:
     """PRE-7: a listening app end delivers one 32-byte record + SCM_RIGHTS per connection
     from a plain kernel client; data flows both ways on the accepted socket."""
@@ -509,6 +530,26 @@ def test_no_instance_exits_3(agent_bin: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "a.sock").exists()
 
 
+def test_a_socket_path_longer_than_sun_path(agent_bin: Path, tmp_path: Path) -> None:
+    """PRE-1: a --socket path past sockaddr_un's 108 bytes is bound through its directory
+    (/proc/self/fd/N/name); a client reaches it the same way."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    with time_limit(30), own_instance() as name:
+        a = Agent(agent_bin, name, deep)
+        try:
+            assert len(a.path) > 108 and Path(a.path).exists()
+            dfd = os.open(deep, os.O_PATH)
+            try:
+                ctl = Control(f"/proc/self/fd/{dfd}/agent.sock")
+            finally:
+                os.close(dfd)
+            assert ctl.call(HELLO, args=(1, 0, 0))[0] == a.proc.pid
+            ctl.close()
+        finally:
+            a.close()
+
+
 def test_idle_exit_removes_the_socket(agent_bin: Path, tmp_path: Path) -> None:
     """PRE-1: no connection, no socket, --hold-fd at EOF for --idle-ms: exit 0, PATH gone;
     while the hold fd is open the agent stays."""
@@ -525,6 +566,21 @@ def test_idle_exit_removes_the_socket(agent_bin: Path, tmp_path: Path) -> None:
             a.hold_w = -1
             assert a.wait(10) == 0
             assert not Path(a.path).exists()
+        finally:
+            a.close()
+
+
+def test_sigterm_exits_and_removes_the_socket(agent_bin: Path, tmp_path: Path) -> None:
+    """PRE-1: SIGTERM is an idle exit now, with a control connection still open."""
+    with time_limit(30), own_instance() as name:
+        a = Agent(agent_bin, name, tmp_path, idle_ms=60000)
+        try:
+            ctl = a.connect()
+            assert ctl.call(HELLO, args=(1, 0, 0))[0] == a.proc.pid
+            a.proc.terminate()
+            assert a.wait(10) == 0
+            assert not Path(a.path).exists()
+            ctl.close()
         finally:
             a.close()
 

@@ -48,7 +48,7 @@ def test_what_is_not_an_elf_executable_is_not_static(tmp_path: Path) -> None:
     assert not run.static_binary(tmp_path / "missing")
 
 
-def test_the_environment_preloads_the_library_first_and_names_the_agent(tmp_path: Path) -> None:
+def test_the_environment_preloads_the_library_once_after_others_and_names_the_agent(tmp_path: Path) -> None:
     paths = preload.Paths(lib=tmp_path / "libnkpreload.so", agent=tmp_path / "nk-agent")
 
     class FakeAgent:  # only the socket path is read
@@ -56,7 +56,7 @@ def test_the_environment_preloads_the_library_first_and_names_the_agent(tmp_path
 
     env = run.environment({"LD_PRELOAD": f"/x/a.so:{paths.lib} /y/b.so", "HOME": "/h"},
                           "inst", FakeAgent(), paths)  # type: ignore[arg-type]
-    assert env["LD_PRELOAD"].split() == [str(paths.lib), "/x/a.so", "/y/b.so"]
+    assert env["LD_PRELOAD"].split() == ["/x/a.so", "/y/b.so", str(paths.lib)]
     assert env[preload.SOCKET_ENV] == str(FakeAgent.socket)
     assert env["NETKERNEL_INSTANCE"] == "inst" and env["HOME"] == "/h"
     assert env[preload.LIB_ENV] == str(paths.lib) and env[preload.AGENT_ENV] == str(paths.agent)

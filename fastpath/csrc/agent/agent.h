@@ -103,6 +103,10 @@ struct ag_sock {
 	uint32_t rec_size;       /* SIOCOUTQ bytes of one accept record (measured) */
 	struct ag_pend *shut_pend; /* NK_AG_SHUTDOWN waiting for the bytes before it */
 	int shut_how;
+	uint64_t read_total;     /* bytes read from the agent end so far */
+	uint64_t shut_mark;      /* read_total once the bytes before the SHUTDOWN are read */
+	int64_t watch_at;        /* next sock_diag look at a watched app end */
+	int64_t watch_gap;
 	struct ag_rx *rx;        /* FIFO of EV_DATA not yet written into the agent end */
 	uint32_t rx_head, rx_len, rx_cap;
 	struct ag_sock *hnext;   /* ino hash chain */
@@ -154,6 +158,7 @@ struct ag {
 	bool ce_dead;            /* the CoreEngine is gone (RT-4, GL-9) */
 	bool nsm_dead;           /* EV_ERROR on socket 0: the NSM is gone (CE-19) */
 	bool stopping;           /* SIGTERM */
+	bool debug;              /* NK_AGENT_DEBUG: a line per CLOSE, counters at exit */
 	int nsm_err;
 	/* sockets */
 	struct ag_sock **socks;  /* socks[id - 1] */

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -296,8 +297,12 @@ static void do_shutdown(struct ag *a, struct ag_pend *p, struct ag_sock *s, int 
 	if (s->shut_pend || (s->wr_shut && how == SHUT_WR))
 		return ag_pend_done(a, p, 0); /* already on its way */
 	/* the app end is shut already: the SHUTDOWN leaves after the bytes before the EOF */
+	int queued = 0; /* the app end is shut: what the agent end holds is all there is */
+	if (ioctl(s->fd, FIONREAD, &queued) < 0 || queued < 0)
+		queued = 0;
 	s->shut_pend = p;
 	s->shut_how = how;
+	s->shut_mark = s->read_total + (uint64_t)queued;
 	ag_sock_want_pump(a, s);
 }
 

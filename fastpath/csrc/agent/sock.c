@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <linux/sockios.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -337,6 +338,10 @@ static bool read_stream(struct ag *a, struct ag_sock *s)
 		int e = errno;
 		ag_call_free(a, (uint32_t)tag);
 		nk_bufpool_free(a->pool, off, NULL);
+		if (n < 0 && e == ECONNRESET) {
+			s->unread = true; /* see took_reset: the bytes before it are read */
+			return true;
+		}
 		if (n == 0 || (e != EAGAIN && e != EINTR))
 			s->in_eof = true; /* the app shut its side (or closed it) */
 		return false;
@@ -345,6 +350,7 @@ static bool read_stream(struct ag *a, struct ag_sock *s)
 	c->buf = off;
 	c->size = (uint32_t)n;
 	s->sends++;
+	s->read_total += (uint64_t)n;
 	ag_publish(a, (uint32_t)tag, 0);
 	return (uint32_t)n == want;
 }
@@ -355,6 +361,8 @@ static bool read_dgram(struct ag *a, struct ag_sock *s)
 {
 	struct nk_ag_dgram h;
 	ssize_t total = recv(s->fd, &h, sizeof(h), MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT);
+	if (total < 0 && errno == ECONNRESET)
+		return true; /* the app closed with records unread: reported once */
 	if (total <= 0) {
 		if (total == 0 || (errno != EAGAIN && errno != EINTR))
 			s->in_eof = true;
@@ -693,13 +701,30 @@ void ag_sock_accepted(struct ag *a, struct ag_sock *l, uint32_t new_id, int64_t 
 
 /* ---- shutdown and close (PRE-6) ----------------------------------------------------------- */
 
+/* SHUTDOWN(SHUT_WR) of a connected stream whose app end was shut for writing. */
+static void shut_wr(struct ag *a, struct ag_sock *s)
+{
+	if (s->shut_pend || s->wr_shut || s->broken || !s->stream || !s->connected || a->ce_dead)
+		return;
+	int tag = ag_call_new(a, NK_OP_SHUTDOWN, s->id, false);
+	if (tag < 0) {
+		starve(a, s);
+		return;
+	}
+	a->calls[tag].aux = SHUT_WR;
+	ag_publish(a, (uint32_t)tag, SHUT_WR);
+	s->wr_shut = true;
+}
+
 /* After the bytes before it are SENT: the SHUTDOWN the app asked for (NK_AG_SHUTDOWN), or
  * SHUT_WR for an app that shut its side or closed (the agent end read EOF). */
 void ag_sock_try_shutdown(struct ag *a, struct ag_sock *s)
 {
-	if (!s->in_eof || s->sends || !s->settled)
+	if (s->sends || !s->settled)
 		return;
-	if (s->shut_pend) {
+	/* NK_AG_SHUTDOWN: the bytes the agent end held at the request are read and SENT
+	 * (the library shut the app end first, so that is everything before the EOF) */
+	if (s->shut_pend && (s->in_eof || s->read_total >= s->shut_mark || s->broken)) {
 		struct ag_pend *p = s->shut_pend;
 		if (s->broken || a->ce_dead) {
 			s->shut_pend = NULL;
@@ -719,16 +744,9 @@ void ag_sock_try_shutdown(struct ag *a, struct ag_sock *s)
 			s->wr_shut = true;
 		return;
 	}
-	if (s->wr_shut || s->broken || !s->stream || !s->connected || a->ce_dead)
-		return;
-	int tag = ag_call_new(a, NK_OP_SHUTDOWN, s->id, false);
-	if (tag < 0) {
-		starve(a, s);
-		return;
-	}
-	a->calls[tag].aux = SHUT_WR;
-	ag_publish(a, (uint32_t)tag, SHUT_WR);
-	s->wr_shut = true;
+	/* not after a hang-up: a closed app end gets CLOSE, whose FIN (or reset) says it all */
+	if (s->in_eof && !s->hup)
+		shut_wr(a, s);
 }
 
 /* Every app reference is gone: CLOSE, with ABORT if EV_DATA was dropped unread. */
@@ -747,6 +765,8 @@ static void send_close(struct ag *a, struct ag_sock *s)
 			starve(a, s);
 		return;
 	}
+	if (a->debug)
+		fprintf(stderr, "nk-agent: CLOSE %u%s\n", s->id, s->unread ? " ABORT" : "");
 	ag_publish(a, (uint32_t)tag, s->unread ? NK_CLOSE_ABORT : 0);
 	s->close_sent = true;
 	if (s->fd >= 0) {
@@ -766,8 +786,11 @@ static void finish(struct ag *a, struct ag_sock *s)
 		return; /* a call of the socket (CONNECT, a request) is still out */
 	int alive = s->ino ? ag_diag_alive(a, s->ino) : 0;
 	if (alive == 1) { /* both directions shut, the app still holds it: watched */
+		shut_wr(a, s);
 		if (!s->watching) {
 			s->watching = true;
+			s->watch_gap = (int64_t)AG_TICK_MS * 1000000;
+			s->watch_at = ag_now_ns() + s->watch_gap;
 			s->wnext = a->watch;
 			a->watch = s;
 		}
@@ -791,12 +814,26 @@ void ag_sock_pump(struct ag *a, struct ag_sock *s)
 	ag_sock_update(a, s);
 }
 
+/* PRE-6, GL-2: a unix socket released with bytes in its receive queue sets ECONNRESET on
+ * its peer (unix_release_sock): the app closed with data it never read, and the CLOSE
+ * carries ABORT so the NSM resets the connection, as Linux would. */
+static void took_reset(struct ag_sock *s)
+{
+	int err = 0;
+	socklen_t len = sizeof(err);
+	if (s->fd >= 0 && getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 &&
+	    err == ECONNRESET && s->stream)
+		s->unread = true;
+}
+
 void ag_sock_ready(struct ag *a, struct ag_sock *s, uint32_t events)
 {
 	if (s->freed || s->close_sent)
 		return;
-	if (events & (EPOLLHUP | EPOLLERR))
+	if (events & (EPOLLHUP | EPOLLERR)) {
 		s->hup = true;
+		took_reset(s);
+	}
 	if (events & EPOLLOUT)
 		s->out_blocked = false;
 	ag_sock_pump(a, s);
@@ -806,8 +843,16 @@ void ag_sock_ready(struct ag *a, struct ag_sock *s, uint32_t events)
 void ag_tick(struct ag *a)
 {
 	struct ag_sock **p = &a->watch;
+	int64_t now = ag_now_ns();
 	while (*p) {
 		struct ag_sock *s = *p;
+		if (now < s->watch_at) {
+			p = &s->wnext;
+			continue;
+		}
+		if (s->watch_gap < 640000000)
+			s->watch_gap *= 2; /* an app end held open long is looked at less often */
+		s->watch_at = now + s->watch_gap;
 		if (ag_diag_alive(a, s->ino) != 1) {
 			*p = s->wnext;
 			s->watching = false;
