@@ -20,6 +20,7 @@ them. Every subprocess runs under a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -77,14 +78,13 @@ def plain_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def agent(programs: dict[str, Path], inst: str) -> Iterator[dict[str, str]]:
-    """nk-agent attached to ``inst``, held alive by a pipe; the environment
-    ``netkernel run`` gives a program (PRE-1)."""
-    path = Path(status(inst)["dir"]) / f"agent-test-{os.getpid()}.sock"
+@contextlib.contextmanager
+def started_agent(inst: str, path: Path) -> Iterator[dict[str, str]]:
+    """nk-agent attached to ``inst`` listening on ``path``, held alive by a pipe; the
+    environment ``netkernel run`` gives a program (PRE-1)."""
     ready_r, ready_w = os.pipe()
     hold_r, hold_w = os.pipe()
-    err = open(Path(status(inst)["dir"]) / "agent-test.err", "wb")  # noqa: SIM115
+    err = open(Path(status(inst)["dir"]) / f"{path.name}.err", "wb")  # noqa: SIM115
     proc = subprocess.Popen([str(AGENT), "--socket", str(path), "--instance", inst,
                              "--ready-fd", str(ready_w), "--hold-fd", str(hold_r)],
                             pass_fds=(ready_w, hold_r), stderr=err, env=plain_env())
@@ -106,6 +106,12 @@ def agent(programs: dict[str, Path], inst: str) -> Iterator[dict[str, str]]:
             proc.kill()
             proc.wait()
         err.close()
+
+
+@pytest.fixture(scope="module")
+def agent(programs: dict[str, Path], inst: str) -> Iterator[dict[str, str]]:
+    with started_agent(inst, Path(status(inst)["dir"]) / f"agent-test-{os.getpid()}.sock") as env:
+        yield env
 
 
 def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -312,3 +318,15 @@ def test_library_spawns_an_agent(programs: dict[str, Path], inst: str) -> None:
     out = run([str(programs["dynamic"]), "which"], env)
     assert out.stdout == "netkernel app end\n", out.stdout + out.stderr
     assert nsm_sockets(inst) == before + 1
+
+
+def test_agent_socket_path_longer_than_sun_path(programs: dict[str, Path], inst: str,
+                                               tmp_path: Path) -> None:
+    """PRE-1: an agent socket deeper than sockaddr_un's 108 bytes is still reached (the
+    library connects through its directory's /proc/self/fd entry)."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    with started_agent(inst, deep / "agent.sock") as env:
+        env["NETKERNEL_AGENT_BIN"] = "/nonexistent/nk-agent"  # no spawning a fresh one
+        out = run([str(programs["dynamic"]), "which"], env)
+        assert out.stdout == "netkernel app end\n", out.stdout + out.stderr
