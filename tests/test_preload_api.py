@@ -79,9 +79,10 @@ def plain_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def started_agent(inst: str, path: Path) -> Iterator[dict[str, str]]:
+def started_agent(inst: str, path: Path
+                  ) -> Iterator[tuple[dict[str, str], subprocess.Popen[bytes]]]:
     """nk-agent attached to ``inst`` listening on ``path``, held alive by a pipe; the
-    environment ``netkernel run`` gives a program (PRE-1)."""
+    environment ``netkernel run`` gives a program (PRE-1), and the agent's process."""
     ready_r, ready_w = os.pipe()
     hold_r, hold_w = os.pipe()
     err = open(Path(status(inst)["dir"]) / f"{path.name}.err", "wb")  # noqa: SIM115
@@ -96,7 +97,7 @@ def started_agent(inst: str, path: Path) -> Iterator[dict[str, str]]:
         env = plain_env()
         env.update(LD_PRELOAD=str(LIB), NETKERNEL_AGENT=str(path), NETKERNEL_INSTANCE=inst,
                    NETKERNEL_PRELOAD=str(LIB), NETKERNEL_AGENT_BIN=str(AGENT))
-        yield env
+        yield env, proc
     finally:
         os.close(ready_r)
         os.close(hold_w)
@@ -110,7 +111,8 @@ def started_agent(inst: str, path: Path) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def agent(programs: dict[str, Path], inst: str) -> Iterator[dict[str, str]]:
-    with started_agent(inst, Path(status(inst)["dir"]) / f"agent-test-{os.getpid()}.sock") as env:
+    path = Path(status(inst)["dir"]) / f"agent-test-{os.getpid()}.sock"
+    with started_agent(inst, path) as (env, _):
         yield env
 
 
@@ -326,7 +328,36 @@ def test_agent_socket_path_longer_than_sun_path(programs: dict[str, Path], inst:
     library connects through its directory's /proc/self/fd entry)."""
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
-    with started_agent(inst, deep / "agent.sock") as env:
+    with started_agent(inst, deep / "agent.sock") as (env, _):
         env["NETKERNEL_AGENT_BIN"] = "/nonexistent/nk-agent"  # no spawning a fresh one
         out = run([str(programs["dynamic"]), "which"], env)
         assert out.stdout == "netkernel app end\n", out.stdout + out.stderr
+
+
+def test_agent_death_ends_sockets_and_a_new_agent_takes_over(programs: dict[str, Path],
+                                                             inst: str) -> None:
+    """PRE-9, PRE-1: the agent is killed under a connected socket: the program reads the
+    end of the stream and its writes fail (never a hang); its next socket() starts a
+    fresh agent and works."""
+    path = Path(status(inst)["dir"]) / f"agent-dies-{os.getpid()}.sock"
+    with time_limit(3 * RUN_TIMEOUT), socket.create_server(("127.0.0.1", 0)) as lst, \
+            started_agent(inst, path) as (env, agent_proc):
+        echo_server(lst, count=2)
+        proc = subprocess.Popen([sys.executable, str(SCENARIOS), "agent_dies", "127.0.0.1",
+                                 str(lst.getsockname()[1])], env=env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            assert proc.stdout.readline() == "echo b'before'\n"
+            assert proc.stdout.readline() == "ready\n"
+            agent_proc.kill()
+            agent_proc.wait()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert out.splitlines() == ["read after b''", "send after EPIPE",
+                                    "name after ECONNRESET", "new socket b'again'",
+                                    "agent True"]
