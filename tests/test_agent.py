@@ -530,6 +530,26 @@ def test_no_instance_exits_3(agent_bin: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "a.sock").exists()
 
 
+def test_a_socket_path_longer_than_sun_path(agent_bin: Path, tmp_path: Path) -> None:
+    """PRE-1: a --socket path past sockaddr_un's 108 bytes is bound through its directory
+    (/proc/self/fd/N/name); a client reaches it the same way."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    with time_limit(30), own_instance() as name:
+        a = Agent(agent_bin, name, deep)
+        try:
+            assert len(a.path) > 108 and Path(a.path).exists()
+            dfd = os.open(deep, os.O_PATH)
+            try:
+                ctl = Control(f"/proc/self/fd/{dfd}/agent.sock")
+            finally:
+                os.close(dfd)
+            assert ctl.call(HELLO, args=(1, 0, 0))[0] == a.proc.pid
+            ctl.close()
+        finally:
+            a.close()
+
+
 def test_idle_exit_removes_the_socket(agent_bin: Path, tmp_path: Path) -> None:
     """PRE-1: no connection, no socket, --hold-fd at EOF for --idle-ms: exit 0, PATH gone;
     while the hold fd is open the agent stays."""

@@ -20,6 +20,7 @@ them. Every subprocess runs under a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -36,8 +37,9 @@ from tests.live import echo_server, own_instance, status, time_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "fastpath" / "csrc"
-LIB = CSRC / "build" / "libnkpreload.so"
-AGENT = CSRC / "build" / "nk-agent"
+# NETKERNEL_PRELOAD / NETKERNEL_AGENT_BIN: another build (a sanitizer one) than make's.
+LIB = Path(os.environ.get("NETKERNEL_PRELOAD") or CSRC / "build" / "libnkpreload.so")
+AGENT = Path(os.environ.get("NETKERNEL_AGENT_BIN") or CSRC / "build" / "nk-agent")
 SCENARIOS = ROOT / "tests" / "preload" / "scenarios.py"
 NKCALLS = ROOT / "tests" / "preload" / "nkcalls.c"
 RUN_TIMEOUT = 60.0
@@ -76,14 +78,14 @@ def plain_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def agent(programs: dict[str, Path], inst: str) -> Iterator[dict[str, str]]:
-    """nk-agent attached to ``inst``, held alive by a pipe; the environment
-    ``netkernel run`` gives a program (PRE-1)."""
-    path = Path(status(inst)["dir"]) / f"agent-test-{os.getpid()}.sock"
+@contextlib.contextmanager
+def started_agent(inst: str, path: Path
+                  ) -> Iterator[tuple[dict[str, str], subprocess.Popen[bytes]]]:
+    """nk-agent attached to ``inst`` listening on ``path``, held alive by a pipe; the
+    environment ``netkernel run`` gives a program (PRE-1), and the agent's process."""
     ready_r, ready_w = os.pipe()
     hold_r, hold_w = os.pipe()
-    err = open(Path(status(inst)["dir"]) / "agent-test.err", "wb")  # noqa: SIM115
+    err = open(Path(status(inst)["dir"]) / f"{path.name}.err", "wb")  # noqa: SIM115
     proc = subprocess.Popen([str(AGENT), "--socket", str(path), "--instance", inst,
                              "--ready-fd", str(ready_w), "--hold-fd", str(hold_r)],
                             pass_fds=(ready_w, hold_r), stderr=err, env=plain_env())
@@ -95,7 +97,7 @@ def agent(programs: dict[str, Path], inst: str) -> Iterator[dict[str, str]]:
         env = plain_env()
         env.update(LD_PRELOAD=str(LIB), NETKERNEL_AGENT=str(path), NETKERNEL_INSTANCE=inst,
                    NETKERNEL_PRELOAD=str(LIB), NETKERNEL_AGENT_BIN=str(AGENT))
-        yield env
+        yield env, proc
     finally:
         os.close(ready_r)
         os.close(hold_w)
@@ -105,6 +107,13 @@ def agent(programs: dict[str, Path], inst: str) -> Iterator[dict[str, str]]:
             proc.kill()
             proc.wait()
         err.close()
+
+
+@pytest.fixture(scope="module")
+def agent(programs: dict[str, Path], inst: str) -> Iterator[dict[str, str]]:
+    path = Path(status(inst)["dir"]) / f"agent-test-{os.getpid()}.sock"
+    with started_agent(inst, path) as (env, _):
+        yield env
 
 
 def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -128,8 +137,10 @@ def same_as_linux(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedPr
 
 
 def ls_output(text: str) -> str:
-    # /tmp's own mtime moves whenever anyone creates a file there (other tests do).
-    return "\n".join(line for line in text.splitlines() if not line.endswith(" tmp"))
+    # What moves between two runs whatever the library does: /proc's link count (one per
+    # process), the mtimes of /tmp and /run (other programs create files there).
+    return "\n".join(line for line in text.splitlines()
+                     if not line.endswith((" proc", " tmp", " run")))
 
 
 # --- rung 1: nothing changes for programs without sockets ---------------------------
@@ -309,3 +320,44 @@ def test_library_spawns_an_agent(programs: dict[str, Path], inst: str) -> None:
     out = run([str(programs["dynamic"]), "which"], env)
     assert out.stdout == "netkernel app end\n", out.stdout + out.stderr
     assert nsm_sockets(inst) == before + 1
+
+
+def test_agent_socket_path_longer_than_sun_path(programs: dict[str, Path], inst: str,
+                                               tmp_path: Path) -> None:
+    """PRE-1: an agent socket deeper than sockaddr_un's 108 bytes is still reached (the
+    library connects through its directory's /proc/self/fd entry)."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    with started_agent(inst, deep / "agent.sock") as (env, _):
+        env["NETKERNEL_AGENT_BIN"] = "/nonexistent/nk-agent"  # no spawning a fresh one
+        out = run([str(programs["dynamic"]), "which"], env)
+        assert out.stdout == "netkernel app end\n", out.stdout + out.stderr
+
+
+def test_agent_death_ends_sockets_and_a_new_agent_takes_over(programs: dict[str, Path],
+                                                             inst: str) -> None:
+    """PRE-9, PRE-1: the agent is killed under a connected socket: the program reads the
+    end of the stream and its writes fail (never a hang); its next socket() starts a
+    fresh agent and works."""
+    path = Path(status(inst)["dir"]) / f"agent-dies-{os.getpid()}.sock"
+    with time_limit(3 * RUN_TIMEOUT), socket.create_server(("127.0.0.1", 0)) as lst, \
+            started_agent(inst, path) as (env, agent_proc):
+        echo_server(lst, count=2)
+        proc = subprocess.Popen([sys.executable, str(SCENARIOS), "agent_dies", "127.0.0.1",
+                                 str(lst.getsockname()[1])], env=env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            assert proc.stdout.readline() == "echo b'before'\n"
+            assert proc.stdout.readline() == "ready\n"
+            agent_proc.kill()
+            agent_proc.wait()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert out.splitlines() == ["read after b''", "send after EPIPE",
+                                    "name after ECONNRESET", "new socket b'again'",
+                                    "agent True"]

@@ -514,6 +514,37 @@ def fork_threads() -> None:
 
 
 @scenario
+def agent_dies(host: str, port: str) -> None:
+    """A client of an outside server; told (stdin) when its agent was killed: the open
+    socket ends (never a hang), a new socket gets a fresh agent (PRE-1, PRE-9)."""
+    s = socket.create_connection((host, int(port)), timeout=20)
+    s.sendall(b"before")
+    say("echo", recv_all(s, 6))
+    say("ready")
+    sys.stdin.readline()  # the agent is gone now
+    s.settimeout(20)
+    try:
+        say("read after", s.recv(10))
+    except OSError as exc:
+        say("read after", err_name(exc))
+    try:
+        s.sendall(b"x" * 100000)
+        s.sendall(b"x" * 100000)
+        say("send after", "ok")
+    except OSError as exc:
+        say("send after", err_name(exc))
+    try:
+        say("name after", s.getsockname()[0])
+    except OSError as exc:
+        say("name after", err_name(exc))
+    s.close()
+    t = socket.create_connection((host, int(port)), timeout=20)
+    t.sendall(b"again")
+    say("new socket", recv_all(t, 5))
+    say("agent", os.environ.get("NETKERNEL_AGENT", "").rsplit("/", 1)[-1].startswith("agent-"))
+
+
+@scenario
 def sleep_then(seconds: str) -> None:
     time.sleep(float(seconds))
 

@@ -24,6 +24,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -42,6 +43,8 @@ struct opts {
 	int ready_fd, hold_fd;
 	long idle_ms;
 };
+
+static int unix_addr(const char *path, struct sockaddr_un *sa, int *dirfd);
 
 static struct ag agent; /* large (the scratch buffer): static, not on the stack */
 
@@ -139,22 +142,29 @@ static void json_escape(const char *in, char *out, size_t cap)
 /* Attach a tenant device; the connection stays open (RT-4). 0, or -1 with *why set. */
 static int attach(struct ag *a, const struct opts *o, char *dev, size_t devcap, const char **why)
 {
-	static char msg[512];
+	static char msg[PATH_MAX + 256];
+	char path[PATH_MAX];
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	if ((size_t)snprintf(sa.sun_path, sizeof(sa.sun_path), "%s/%s/engine.sock", o->root,
-			     o->instance) >= sizeof(sa.sun_path)) {
+	int dirfd = -1;
+	if ((size_t)snprintf(path, sizeof(path), "%s/%s/engine.sock", o->root, o->instance) >=
+		    sizeof(path) ||
+	    unix_addr(path, &sa, &dirfd) < 0) {
 		*why = "engine.sock path too long";
 		return -1;
 	}
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		snprintf(msg, sizeof(msg), "no NetKernel instance %s (%s: %s)", o->instance,
-			 sa.sun_path, strerror(errno));
+		snprintf(msg, sizeof(msg), "no NetKernel instance %s (%s: %s)", o->instance, path,
+			 strerror(errno));
 		*why = msg;
 		if (fd >= 0)
 			close(fd);
+		if (dirfd >= 0)
+			close(dirfd);
 		return -1;
 	}
+	if (dirfd >= 0)
+		close(dirfd);
 	char name[200], line[4096];
 	json_escape(o->name, name, sizeof(name));
 	int len = snprintf(line, sizeof(line),
@@ -222,18 +232,65 @@ static int map_device(struct ag *a, const char *path, const char **why)
 
 /* ---- the control socket ----------------------------------------------------------------- */
 
-static int listen_on(const char *path)
+static int bind_listen(const char *path, const struct sockaddr_un *sa_in);
+
+/* PATH as a sockaddr_un; a path longer than sun_path (108 bytes) is reached through its
+ * directory: /proc/self/fd/<dir>/<name> (*dirfd stays open until the bind is done). */
+static int unix_addr(const char *path, struct sockaddr_un *sa, int *dirfd)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	if (strlen(path) >= sizeof(sa.sun_path)) {
+	*dirfd = -1;
+	if (strlen(path) < sizeof(sa->sun_path)) {
+		strcpy(sa->sun_path, path);
+		return 0;
+	}
+	const char *slash = strrchr(path, '/');
+	char dir[PATH_MAX];
+	if (!slash || (size_t)(slash - path) >= sizeof(dir)) {
 		errno = ENAMETOOLONG;
 		return -1;
 	}
-	strcpy(sa.sun_path, path);
+	memcpy(dir, path, (size_t)(slash - path));
+	dir[slash - path] = 0;
+	*dirfd = open(*dir ? dir : "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (*dirfd < 0)
+		return -1;
+	if ((size_t)snprintf(sa->sun_path, sizeof(sa->sun_path), "/proc/self/fd/%d/%s", *dirfd,
+			     slash + 1) >= sizeof(sa->sun_path)) {
+		close(*dirfd);
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	return 0;
+}
+
+static int listen_on(const char *path)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int dirfd;
+	if (unix_addr(path, &sa, &dirfd) < 0)
+		return -1;
+	int fd = bind_listen(path, &sa);
+	int e = errno;
+	if (dirfd >= 0)
+		close(dirfd);
+	errno = e;
+	return fd;
+}
+
+static int bind_listen(const char *path, const struct sockaddr_un *sa_in)
+{
+	struct sockaddr_un sa = *sa_in;
 	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	if (fd < 0)
 		return -1;
-	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 && errno == EADDRINUSE) {
+	int rc = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
+	if (rc < 0 && errno != EADDRINUSE) {
+		int e = errno;
+		close(fd);
+		errno = e;
+		return -1;
+	}
+	if (rc < 0) {
 		/* a stale path (an agent that crashed) is replaced; a live agent is not */
 		int probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 		if (probe >= 0 && connect(probe, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
@@ -428,12 +485,18 @@ int main(int argc, char **argv)
 	a->listen_fd = a->hold_fd = a->sig_fd = a->diag_fd = a->engine_fd = -1;
 	a->idle_since = -1;
 	a->idle_ns = o.idle_ms * 1000000LL;
-	a->debug = getenv("NK_AGENT_DEBUG") != NULL;
+	const char *dbg = getenv("NK_AGENT_DEBUG");
+	a->debug = dbg && *dbg && strcmp(dbg, "0") != 0;
 	const char *spin = getenv("NK_AGENT_SPIN_US");
 	a->spin_ns = spin ? atoll(spin) * 1000 : AG_SPIN_NS;
 	a->path = (char *)o.socket;
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGINT, SIG_IGN);
+	struct rlimit rl; /* one fd per socket of the whole program tree: as many as allowed */
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
 
 	char dev[PATH_MAX];
 	const char *why = NULL;

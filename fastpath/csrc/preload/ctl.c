@@ -12,6 +12,7 @@
 #include "preload.h"
 
 #include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -90,19 +91,47 @@ static bool still_ours(void)
 
 static int64_t exchange(const struct nk_ag_req *req, struct nk_ag_rep *rep, int *fd_out);
 
-static int connect_path(const char *path)
+/* connect(2) to a unix socket path of any length: one longer than sun_path is
+ * reached through its directory, opened O_PATH, as /proc/self/fd/N/NAME (the agent
+ * binds such paths the same way). */
+static int connect_unix(int s, const char *path)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	if (strlen(path) >= sizeof sa.sun_path)
-		return -ENAMETOOLONG;
-	strcpy(sa.sun_path, path);
+	int dfd = -1;
+	if (strlen(path) < sizeof sa.sun_path) {
+		strcpy(sa.sun_path, path);
+	} else {
+		const char *slash = strrchr(path, '/');
+		char dir[PATH_MAX];
+		if (slash == NULL || (size_t)(slash - path) >= sizeof dir)
+			return -ENAMETOOLONG;
+		memcpy(dir, path, (size_t)(slash - path));
+		dir[slash - path] = 0;
+		dfd = open(dir[0] ? dir : "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+		if (dfd < 0)
+			return -errno;
+		int n = snprintf(sa.sun_path, sizeof sa.sun_path, "/proc/self/fd/%d/%s", dfd,
+				 slash + 1);
+		if (n < 0 || (size_t)n >= sizeof sa.sun_path) {
+			REAL(close)(dfd);
+			return -ENAMETOOLONG;
+		}
+	}
+	int r = REAL(connect)(s, (struct sockaddr *)&sa, sizeof sa) < 0 ? -errno : 0;
+	if (dfd >= 0)
+		REAL(close)(dfd);
+	return r;
+}
+
+static int connect_path(const char *path)
+{
 	int s = REAL(socket)(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (s < 0)
 		return -errno;
-	if (REAL(connect)(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
-		int err = errno;
+	int cr = connect_unix(s, path);
+	if (cr < 0) {
 		REAL(close)(s);
-		return -err;
+		return cr;
 	}
 	int high = REAL(fcntl)(s, F_DUPFD_CLOEXEC, CTL_FD_MIN);
 	if (high >= 0) {
@@ -150,6 +179,16 @@ static char **agent_env(void)
 static __attribute__((noreturn)) void exec_agent(const char *bin, char **argv, char **env,
 						 int ready)
 {
+	/* Not the program's signal mask, ignored signals or directory either. */
+	sigset_t none;
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	for (int sig = 1; sig < 32; sig++)
+		if (sig != SIGKILL && sig != SIGSTOP)
+			signal(sig, SIG_DFL);
+	if (chdir("/") < 0) {
+		/* the agent needs no directory: go on */
+	}
 	int null = open("/dev/null", O_RDWR);
 	if (null >= 0) {
 		/* Nothing of the program's: its pipes must see EOF when it exits. */
@@ -176,9 +215,16 @@ static int spawn_agent(char *path, size_t size)
 	const char *root = getenv("NETKERNEL_ROOT");
 	const char *inst = getenv("NETKERNEL_INSTANCE");
 	int n = snprintf(path, size, "%s/%s/agent-%d-%u.sock", root && *root ? root : DEFAULT_ROOT,
-			 inst && *inst ? inst : DEFAULT_INSTANCE, (int)getpid(), spawned++);
-	if (n < 0 || (size_t)n >= size)
-		return -ENETDOWN;
+			 inst && *inst ? inst : DEFAULT_INSTANCE, (int)getpid(), spawned);
+	if (n < 0 || (size_t)n >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
+		/* A deep NETKERNEL_ROOT: the temporary directory, as `netkernel run` does. */
+		const char *tmp = getenv("TMPDIR");
+		n = snprintf(path, size, "%s/netkernel-agent-%d-%u.sock", tmp && *tmp ? tmp : "/tmp",
+			     (int)getpid(), spawned);
+		if (n < 0 || (size_t)n >= size)
+			return -ENETDOWN;
+	}
+	spawned++;
 	int p[2];
 	if (pipe2(p, O_CLOEXEC) < 0)
 		return -errno;
@@ -236,7 +282,7 @@ static int ensure(bool spawn)
 	int r = path && *path ? connect_path(path) : -ENOENT;
 	if (r == 0 || !spawn)
 		return r;
-	char fresh[sizeof(((struct sockaddr_un *)0)->sun_path)];
+	char fresh[PATH_MAX];
 	r = spawn_agent(fresh, sizeof fresh);
 	if (r < 0)
 		return r;

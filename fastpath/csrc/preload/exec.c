@@ -95,12 +95,14 @@ static bool preloads_us(const char *value)
 	return strstr(value, self_path) != NULL || strstr(value, base ? base + 1 : self_path);
 }
 
-static char *entry(const char *name, const char *value, const char *more)
+/* NAME=VALUE, or NAME=BEFORE:VALUE: libraries already preloaded stay first (a
+ * sanitizer runtime must be), as `netkernel run` orders them. */
+static char *entry(const char *name, const char *value, const char *before)
 {
-	size_t n = strlen(name) + strlen(value) + (more ? strlen(more) + 1 : 0) + 2;
+	size_t n = strlen(name) + strlen(value) + (before ? strlen(before) + 1 : 0) + 2;
 	char *s = malloc(n);
 	if (s != NULL)
-		snprintf(s, n, "%s=%s%s%s", name, value, more ? ":" : "", more ? more : "");
+		snprintf(s, n, "%s=%s%s%s", name, before ? before : "", before ? ":" : "", value);
 	return s;
 }
 

@@ -107,9 +107,11 @@ static int give(const struct nk_ag_rep *rep, int64_t full, void *buf, socklen_t 
 	size_t n = (size_t)full < rep->len ? (size_t)full : rep->len;
 	if (n > *len)
 		n = *len;
-	if (n > 0 && buf == NULL)
-		return nk_fail(EFAULT);
-	memcpy(buf, rep->data, n);
+	if (n > 0) {
+		if (buf == NULL)
+			return nk_fail(EFAULT);
+		memcpy(buf, rep->data, n);
+	}
 	*len = (socklen_t)full;
 	return 0;
 }
