@@ -161,23 +161,42 @@ def memcached(via: Via, tmp: Path, opt: Options) -> dict[str, float]:
     return out
 
 
-def _sockperf(via: Via, tmp: Path, opt: Options, mode: str) -> dict[str, float]:
+def _sockperf(via: Via, tmp: Path, opt: Options, mode: str,
+              udp: bool = False) -> dict[str, float]:
     port = pg.free_port()
-    with pg.tcp_server(pg.sockperf_server(port), via, port, tmp / "sockperf.log"):
-        res = pg.run(["sockperf", mode, "--tcp", "-i", "127.0.0.1", "-p", str(port), "-t",
-                      str(opt.seconds), "-m", "64" if mode == "ping-pong" else "1400"], via,
+    server = pg.Server(pg.sockperf_server(port, udp), via, log=tmp / "sockperf.log",
+                       ready=lambda: pg.listening(port, "udp" if udp else "tcp"))
+    with server:
+        res = pg.run(["sockperf", mode, *([] if udp else ["--tcp"]), "-i", "127.0.0.1",
+                      "-p", str(port), "-t", str(opt.seconds),
+                      "-m", "64" if mode == "ping-pong" else "1400"], via,
                      timeout=opt.seconds + 60).ok()
     return pg.sockperf_report(res.stdout + res.stderr)
 
 
-def sockperf_pingpong(via: Via, tmp: Path, opt: Options) -> dict[str, float]:
-    report = _sockperf(via, tmp, opt, "ping-pong")
+def _pingpong(report: dict[str, float]) -> dict[str, float]:
+    # sockperf's latency is half the round trip.
     return {"latency_us": report["latency_us"], "rtt_per_s": 1e6 / (2 * report["latency_us"])}
 
 
-def sockperf_throughput(via: Via, tmp: Path, opt: Options) -> dict[str, float]:
-    report = _sockperf(via, tmp, opt, "throughput")
+def _throughput(report: dict[str, float]) -> dict[str, float]:
     return {"msg_rate": report["msg_rate"], "gbps": report["mbps"] * 8 / 1000}
+
+
+def sockperf_pingpong(via: Via, tmp: Path, opt: Options) -> dict[str, float]:
+    return _pingpong(_sockperf(via, tmp, opt, "ping-pong"))
+
+
+def sockperf_throughput(via: Via, tmp: Path, opt: Options) -> dict[str, float]:
+    return _throughput(_sockperf(via, tmp, opt, "throughput"))
+
+
+def sockperf_udp_pingpong(via: Via, tmp: Path, opt: Options) -> dict[str, float]:
+    return _pingpong(_sockperf(via, tmp, opt, "ping-pong", udp=True))
+
+
+def sockperf_udp_throughput(via: Via, tmp: Path, opt: Options) -> dict[str, float]:
+    return _throughput(_sockperf(via, tmp, opt, "throughput", udp=True))
 
 
 def bulk(via: Via, tmp: Path, opt: Options) -> dict[str, float]:
@@ -209,6 +228,12 @@ BENCHES: Final = (
           sockperf_pingpong),
     Bench("sockperf-throughput", ("sockperf",),
           (Figure("msg_rate", "msgs/s"), Figure("gbps", "Gbit/s")), sockperf_throughput),
+    Bench("sockperf-udp-pingpong", ("sockperf",),
+          (Figure("latency_us", "latency us", False), Figure("rtt_per_s", "round trips/s")),
+          sockperf_udp_pingpong),
+    Bench("sockperf-udp-throughput", ("sockperf",),
+          (Figure("msg_rate", "msgs/s sent"), Figure("gbps", "Gbit/s sent")),
+          sockperf_udp_throughput),
     Bench("bulk-python", (), (Figure("gbps", "Gbit/s"),), bulk),
 )
 
@@ -273,16 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     with own_instance() as instance:
         log(f"instance {instance}; {rounds} round(s), {opt.seconds} s runs; netkernel ="
             f" both ends under `python -m netkernel run --instance {instance}`")
-        log(f"{'program':<22}{'figure':<18}{'direct':>14}{'netkernel':>14}{'ratio':>9}")
+        log(f"{'program':<25}{'figure':<18}{'direct':>14}{'netkernel':>14}{'ratio':>9}")
         for bench in chosen:
             if gone := pg.missing(*bench.binaries):
-                log(f"{bench.name:<22}skipped: not installed: {', '.join(gone)}")
+                log(f"{bench.name:<25}skipped: not installed: {', '.join(gone)}")
                 continue
             res = measure(bench, instance, rounds, opt, log)
             results.append(res)
             for label, f in res["figures"].items():
                 ratio = f"{f['ratio']:.2f}x" if f["ratio"] is not None else "-"
-                log(f"{bench.name:<22}{label:<18}{_num(f['direct']):>14}"
+                log(f"{bench.name:<25}{label:<18}{_num(f['direct']):>14}"
                     f"{_num(f['netkernel']):>14}{ratio:>9}")
     if args.json:
         print(json.dumps({"rounds": rounds, "seconds": opt.seconds, "results": results},

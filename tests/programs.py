@@ -401,7 +401,8 @@ def iperf3_server(port: int) -> list[str]:
 
 
 def sockperf_server(port: int, udp: bool = False) -> list[str]:
-    return ["sockperf", "server", "--udp" if udp else "--tcp", "-i", "127.0.0.1",
+    """sockperf's server, TCP or UDP (its default)."""
+    return ["sockperf", "server", *([] if udp else ["--tcp"]), "-i", "127.0.0.1",
             "-p", str(port)]
 
 
