@@ -281,6 +281,38 @@ def test_connect_refused_sets_so_error(agent: Agent) -> None:
         ctl.close()
 
 
+def test_closing_a_connecting_socket_frees_it_at_once(agent: Agent) -> None:
+    """PRE-6: the last close of a socket whose CONNECT is still out (a silent address)
+    sends CLOSE without waiting for the connect's minutes-long timeout."""
+    with time_limit(30):
+        full = socket.socket()  # a listener whose queue is full drops SYNs: a silent peer
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = []
+        for _ in range(3):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+        ctl = agent.connect()
+        app, ino = ctl.socket()
+        result = ctl.call(CONNECT, ino, data=sockaddr_in("127.0.0.1", port))[0]
+        assert result == -errno.EINPROGRESS
+        _, w, _ = select.select([], [app], [], 0.5)
+        assert not w, "the connect should still be in progress"
+        app.close()
+        deadline = time.monotonic() + 3
+        while ctl.call(LOOKUP, ino)[0] != -errno.ENOENT:
+            assert time.monotonic() < deadline, "the socket outlived its last close"
+            time.sleep(0.02)
+        ctl.close()
+        assert agent.wait(10) == 0, "the agent did not go idle"
+        for f in fillers:
+            f.close()
+        full.close()
+
+
 def test_peer_close_is_eof_and_last_close_is_peer_eof(agent: Agent) -> None:
     """PRE-6: the kernel peer's close reads as EOF on the app end; the app end's last close
     (after a dup) reaches the peer as EOF."""

@@ -137,9 +137,9 @@ void ag_reply_call(struct ag *a, struct ag_call *c, int64_t result)
 			s->connected = true; /* a second attempt, answered synchronously */
 		break;
 	case NK_OP_LISTEN:
-		if (s && result == 0 && !s->listening) {
+		if (s && result == 0) {
 			s->listening = true;
-			s->backlog = (int)c->aux;
+			s->backlog = (int)c->aux; /* a second listen() changes the backlog */
 			/* the filler stays: a Linux listener is never writable */
 			ag_sock_want_pump(a, s);
 		}

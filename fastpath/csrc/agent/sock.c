@@ -784,8 +784,11 @@ static void send_close(struct ag *a, struct ag_sock *s)
 /* After EPOLLHUP and the last bytes SENT: is the app end really closed? */
 static void finish(struct ag *a, struct ag_sock *s)
 {
-	if (s->close_sent || s->accept_pending || s->ncalls > s->sends + (s->accepting ? 1u : 0u))
-		return; /* a call of the socket (CONNECT, a request) is still out */
+	/* an ACCEPT or a CONNECT in flight is answered -EBADF by the CLOSE (NSM-8): no need to
+	 * wait for it (a connect to a silent host takes minutes); other calls are waited for */
+	uint32_t cut = (s->accepting ? 1u : 0u) + (s->connecting ? 1u : 0u);
+	if (s->close_sent || s->accept_pending || s->ncalls > s->sends + cut)
+		return;
 	int alive = s->ino ? ag_diag_alive(a, s->ino) : 0;
 	if (alive == 1) { /* both directions shut, the app still holds it: watched */
 		shut_wr(a, s);
