@@ -493,6 +493,26 @@ def test_backpressure_reaches_the_app_end(agent: Agent) -> None:
         ctl.close()
 
 
+def test_shutdown_of_a_listener_stops_it(agent: Agent) -> None:
+    """PRE-7, as Linux: shutdown(SHUT_WR) of a listener is a no-op, SHUT_RDWR stops it
+    listening (new connections are refused, accept reads the end)."""
+    with time_limit(30):
+        ctl = agent.connect()
+        lst, ino = ctl.socket()
+        assert ctl.call(BIND, ino, data=sockaddr_in("127.0.0.1", 0))[0] == 0
+        assert ctl.call(LISTEN, ino, args=(8, 0, 0))[0] == 0
+        port = parse_sockaddr_in(ctl.call(GETSOCKNAME, ino)[2])[1]
+        assert ctl.call(SHUTDOWN, ino, args=(socket.SHUT_WR, 0, 0))[0] == 0
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        lst.shutdown(socket.SHUT_RDWR)  # the library's part
+        assert ctl.call(SHUTDOWN, ino, args=(socket.SHUT_RDWR, 0, 0))[0] == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert ctl.call(LOOKUP, ino)[0] == KIND_STREAM
+        lst.close()
+        ctl.close()
+
+
 def test_accept_stops_at_the_backlog(agent: Agent) -> None:
     """PRE-7: records the app has not taken stay at most the backlog; the rest are
     accepted once it takes them."""
