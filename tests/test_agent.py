@@ -19,6 +19,7 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -361,6 +362,30 @@ def test_close_with_unread_data_resets_the_peer(agent: Agent) -> None:
         with pytest.raises(ConnectionResetError):
             while peer.recv(100):
                 pass
+        peer.close()
+        lst.close()
+        ctl.close()
+
+
+def test_a_child_process_holds_the_socket(agent: Agent) -> None:
+    """PRE-2, PRE-6: the app end inherited by another process keeps the socket alive after
+    the parent's close; the child's writes arrive and its exit is the last close (EOF)."""
+    with time_limit(30):
+        lst = kernel_listener()
+        ctl = agent.connect()
+        app, _ = connected(ctl, lst.getsockname()[1])
+        peer, _ = lst.accept()
+        peer.settimeout(10)
+        code = "import os, socket; s = socket.socket(fileno=int(os.sys.argv[1])); " \
+               "s.sendall(b'from the child ' * 1000)"
+        child = subprocess.Popen([sys.executable, "-c", code, str(app.fileno())],
+                                 pass_fds=[app.fileno()])
+        app.close()
+        assert child.wait(10) == 0
+        data = b""
+        while chunk := peer.recv(1 << 16):
+            data += chunk
+        assert data == b"from the child " * 1000
         peer.close()
         lst.close()
         ctl.close()
