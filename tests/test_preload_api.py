@@ -254,11 +254,15 @@ def test_exec_puts_the_environment_back(programs: dict[str, Path],
     assert nk.stdout.count("LD_PRELOAD=set") == 3, nk.stdout + nk.stderr
 
 
-def test_exec_child_finds_the_agent(agent: dict[str, str]) -> None:
-    """PRE-3: a child exec'd with a scrubbed environment gets LD_PRELOAD and the same
-    NETKERNEL_AGENT back."""
-    code = ("import os, sys; env = {'PATH': '/usr/bin:/bin'};"
-            f"os.execve(sys.executable, [sys.executable, {str(SCENARIOS)!r}, 'show_env'], env)")
+@pytest.mark.parametrize("how", ["execve(env)", "unsetenv+execv"])
+def test_exec_child_finds_the_agent(agent: dict[str, str], how: str) -> None:
+    """PRE-3: a child exec'd with a scrubbed environment (a new one passed, or the
+    program's own emptied) gets LD_PRELOAD and the same NETKERNEL_AGENT back."""
+    argv = f"[sys.executable, {str(SCENARIOS)!r}, 'show_env']"
+    if how == "execve(env)":
+        code = f"import os, sys; os.execve(sys.executable, {argv}, {{'PATH': '/bin'}})"
+    else:
+        code = f"import os, sys; os.environ.clear(); os.execv(sys.executable, {argv})"
     out = run([sys.executable, "-c", code], agent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [f"LD_PRELOAD {LIB}",

@@ -270,6 +270,7 @@ static int spawn_agent(char *path, size_t size)
 	if (got != 1)
 		return -ENETDOWN;
 	setenv(NK_AG_ENV_SOCKET, path, 1);
+	nk_env_agent(path);
 	return 0;
 }
 
