@@ -196,13 +196,14 @@ def test_unix_sockets_untouched(agent: dict[str, str], inst: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["eintr", "nosignal", "syscall", "accept", "chk", "mmsg",
-                                  "closeall"])
+                                  "reuse", "closeall"])
 def test_c_calls_match_linux(programs: dict[str, Path], agent: dict[str, str], inst: str,
                              name: str) -> None:
     """PRE-2, PRE-3, PRE-5, PRE-7: EINTR under sigaction without SA_RESTART, EPIPE with
     MSG_NOSIGNAL, raw syscall(SYS_socket, ...) and friends, accept4 flags, the _chk
-    variants, a program closing or dup2-ing over every fd (the library's control
-    connection too): as on Linux, through NetKernel."""
+    variants, fds closed inside glibc (fclose, closefrom) and reused, a program closing
+    or dup2-ing over every fd (the library's control connection too): as on Linux,
+    through NetKernel."""
     with time_limit(3 * RUN_TIMEOUT):
         before = nsm_sockets(inst)
         same_as_linux([str(programs["dynamic"]), name], agent)

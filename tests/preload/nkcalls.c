@@ -385,6 +385,33 @@ static int mmsg(void)
 	return 0;
 }
 
+/* A socket's fd closed inside glibc (fclose of an fdopen'ed FILE, closefrom), then
+ * reused for a pipe: the pipe is a pipe, not the UDP socket the number used to be. */
+static int reuse(void)
+{
+	for (int round = 0; round < 2; round++) {
+		int u = socket(AF_INET, SOCK_DGRAM, 0);
+		CHECK(u);
+		if (round == 0) {
+			FILE *f = fdopen(u, "r+");
+			if (f == NULL || fclose(f) != 0)
+				printf("fdopen/fclose failed\n");
+		} else {
+			closefrom(u);
+		}
+		int p[2];
+		CHECK(pipe(p));
+		char buf[8] = { 0 };
+		ssize_t w = write(p[1], "pipe", 4);
+		ssize_t r = read(p[0], buf, sizeof buf);
+		printf("%s: reused %d, pipe write %zd read %zd %s\n", round ? "closefrom" : "fclose",
+		       p[0] == u || p[1] == u, w, r, buf);
+		close(p[0]);
+		close(p[1]);
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -405,10 +432,12 @@ int main(int argc, char **argv)
 		return chk();
 	if (!strcmp(what, "mmsg"))
 		return mmsg();
+	if (!strcmp(what, "reuse"))
+		return reuse();
 	if (!strcmp(what, "closeall"))
 		return closeall();
 	if (!strcmp(what, "spawns"))
 		return spawns();
-	fprintf(stderr, "usage: nkcalls eintr|sigpipe|nosignal|syscall|which|accept|chk|mmsg|closeall|spawns\n");
+	fprintf(stderr, "usage: nkcalls eintr|sigpipe|nosignal|syscall|which|accept|chk|mmsg|reuse|closeall|spawns\n");
 	return 2;
 }
