@@ -366,3 +366,28 @@ def test_agent_death_ends_sockets_and_a_new_agent_takes_over(programs: dict[str,
         assert out.splitlines() == ["read after b''", "send after EPIPE",
                                     "name after ECONNRESET", "new socket b'again'",
                                     "agent True"]
+
+
+def test_blocking_connect_is_interrupted(programs: dict[str, Path], agent: dict[str, str],
+                                         inst: str) -> None:
+    """PRE-5: a blocking connect that cannot complete (the kernel listener's queue is
+    full, its SYNs are dropped) returns EINTR when a handler without SA_RESTART runs."""
+    with time_limit(3 * RUN_TIMEOUT), socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(0)
+        fillers = []
+        for _ in range(3):  # the accept queue full, and SYNs beyond it waiting
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(lst.getsockname())
+            fillers.append(c)
+        try:
+            before = nsm_sockets(inst)
+            cmd = [str(programs["dynamic"]), "connect_eintr", str(lst.getsockname()[1])]
+            out = same_as_linux(cmd, agent)
+            assert out.stdout == "connect -1 EINTR\n"
+            assert nsm_sockets(inst) == before + 1
+        finally:
+            for c in fillers:
+                c.close()

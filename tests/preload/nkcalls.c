@@ -412,6 +412,23 @@ static int reuse(void)
 	return 0;
 }
 
+/* A blocking connect to a listener whose queue is full (its SYNs are dropped) is
+ * interrupted by a signal handler without SA_RESTART: EINTR (PRE-5). */
+static int connect_eintr(const char *port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+				 .sin_port = htons((uint16_t)atoi(port)) };
+	struct sigaction sa = { .sa_handler = on_alarm };
+	sigaction(SIGALRM, &sa, NULL);
+	struct itimerval it = { .it_value = { 0, 300000 } };
+	setitimer(ITIMER_REAL, &it, NULL);
+	int c = socket(AF_INET, SOCK_STREAM, 0);
+	CHECK(c);
+	int r = connect(c, (struct sockaddr *)&a, sizeof a);
+	printf("connect %d %s\n", r, ename(r < 0 ? errno : 0));
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -432,12 +449,14 @@ int main(int argc, char **argv)
 		return chk();
 	if (!strcmp(what, "mmsg"))
 		return mmsg();
+	if (!strcmp(what, "connect_eintr") && argc > 2)
+		return connect_eintr(argv[2]);
 	if (!strcmp(what, "reuse"))
 		return reuse();
 	if (!strcmp(what, "closeall"))
 		return closeall();
 	if (!strcmp(what, "spawns"))
 		return spawns();
-	fprintf(stderr, "usage: nkcalls eintr|sigpipe|nosignal|syscall|which|accept|chk|mmsg|reuse|closeall|spawns\n");
+	fprintf(stderr, "usage: nkcalls eintr|sigpipe|nosignal|syscall|which|accept|chk|mmsg|connect_eintr PORT|reuse|closeall|spawns\n");
 	return 2;
 }
