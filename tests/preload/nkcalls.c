@@ -261,6 +261,30 @@ static int spawns(void)
 		_exit(127);
 	}
 	waitpid(pid, &st, 0);
+	char *argv2[] = { "sh", "-c", "echo posix_spawnp LD_PRELOAD=${LD_PRELOAD:+set}", NULL };
+	CHECK(-posix_spawnp(&pid, "sh", NULL, NULL, argv2, bare));
+	waitpid(pid, &st, 0);
+	fflush(stdout);
+	for (int how = 0; how < 3; how++) {
+		static const char *names[] = { "execv", "fexecve", "execveat" };
+		char cmd[80];
+		snprintf(cmd, sizeof cmd, "echo %s LD_PRELOAD=${LD_PRELOAD:+set}", names[how]);
+		char *av[] = { "sh", "-c", cmd, NULL };
+		pid = fork();
+		if (pid == 0) {
+			if (how == 0) {
+				clearenv();
+				execv("/bin/sh", av);
+			} else if (how == 1) {
+				int fd = open("/bin/sh", O_RDONLY | O_CLOEXEC);
+				fexecve(fd, av, bare);
+			} else {
+				execveat(AT_FDCWD, "/bin/sh", av, bare, 0);
+			}
+			_exit(127);
+		}
+		waitpid(pid, &st, 0);
+	}
 	return 0;
 }
 
