@@ -11,6 +11,7 @@ records), PRE-8 (UDP records), PRE-9 (failures).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -281,6 +282,38 @@ def test_connect_refused_sets_so_error(agent: Agent) -> None:
         ctl.close()
 
 
+def test_closing_a_connecting_socket_frees_it_at_once(agent: Agent) -> None:
+    """PRE-6: the last close of a socket whose CONNECT is still out (a silent address)
+    sends CLOSE without waiting for the connect's minutes-long timeout."""
+    with time_limit(30):
+        full = socket.socket()  # a listener whose queue is full drops SYNs: a silent peer
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = []
+        for _ in range(3):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+        ctl = agent.connect()
+        app, ino = ctl.socket()
+        result = ctl.call(CONNECT, ino, data=sockaddr_in("127.0.0.1", port))[0]
+        assert result == -errno.EINPROGRESS
+        _, w, _ = select.select([], [app], [], 0.5)
+        assert not w, "the connect should still be in progress"
+        app.close()
+        deadline = time.monotonic() + 3
+        while ctl.call(LOOKUP, ino)[0] != -errno.ENOENT:
+            assert time.monotonic() < deadline, "the socket outlived its last close"
+            time.sleep(0.02)
+        ctl.close()
+        assert agent.wait(10) == 0, "the agent did not go idle"
+        for f in fillers:
+            f.close()
+        full.close()
+
+
 def test_peer_close_is_eof_and_last_close_is_peer_eof(agent: Agent) -> None:
     """PRE-6: the kernel peer's close reads as EOF on the app end; the app end's last close
     (after a dup) reaches the peer as EOF."""
@@ -514,6 +547,40 @@ def test_udp_records(agent: Agent) -> None:
         assert ctl.call(CONNECT, ino, data=dest)[0] == 0
         app.send(RECORD.pack(0, b"") + b"connected")
         assert peer.recvfrom(100) == (b"connected", mine)
+        app.close()
+        peer.close()
+        ctl.close()
+
+
+def test_udp_datagrams_held_by_the_agent_keep_their_boundaries(agent: Agent) -> None:
+    """PRE-8, PRE-4: datagrams arriving faster than the app reads fill the app end and then
+    wait in the agent (NREAD = the next one's payload size); every one read is intact."""
+    with time_limit(60):
+        ctl = agent.connect()
+        app, ino = ctl.socket(socket.SOCK_DGRAM)
+        assert ctl.call(BIND, ino, data=sockaddr_in("127.0.0.1", 0))[0] == 0
+        mine = parse_sockaddr_in(ctl.call(GETSOCKNAME, ino)[2])
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for k in range(1500):
+            peer.sendto(struct.pack("<I", k) * 250, mine)
+            if k % 100 == 99:
+                time.sleep(0.01)  # the NSM keeps up; the app does not read
+        deadline = time.monotonic() + 5
+        while ctl.call(NREAD, ino)[0] == 0:
+            assert time.monotonic() < deadline, "nothing held: the app end never filled"
+            time.sleep(0.05)
+        assert ctl.call(NREAD, ino)[0] == 1000
+        app.settimeout(1)
+        seen = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                rec = app.recv(2048)
+                assert len(rec) == 32 + 1000
+                k = struct.unpack("<I", rec[32:36])[0]
+                assert rec[32:] == struct.pack("<I", k) * 250
+                seen.append(k)
+        assert len(seen) >= 100 and seen == sorted(seen)  # UDP: the NSM may drop past its cap
+        assert ctl.call(NREAD, ino)[0] == 0
         app.close()
         peer.close()
         ctl.close()

@@ -51,6 +51,8 @@ struct ag_pend {
 	struct ag_conn *conn;
 	bool ready;
 	int fd;                  /* passed with SCM_RIGHTS, then closed (-1: none) */
+	uint32_t op;             /* the request's (NK_AGENT_DEBUG) */
+	uint64_t ino;
 	struct nk_ag_rep rep;
 };
 
@@ -205,6 +207,7 @@ void ag_sock_ready(struct ag *a, struct ag_sock *s, uint32_t events);
 void ag_sock_pump(struct ag *a, struct ag_sock *s);
 void ag_sock_want_pump(struct ag *a, struct ag_sock *s);
 void ag_run_pumps(struct ag *a);
+void ag_sock_unstarve(struct ag *a);
 void ag_sock_settle(struct ag *a, struct ag_sock *s, int64_t result);
 void ag_sock_data(struct ag *a, struct ag_sock *s, const struct nk_nqe *n);
 void ag_sock_fin(struct ag *a, struct ag_sock *s);

@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
@@ -104,6 +105,9 @@ void ag_conn_flush(struct ag *a, struct ag_conn *c)
 
 void ag_pend_done(struct ag *a, struct ag_pend *p, int64_t result)
 {
+	if (a->debug)
+		fprintf(stderr, "nk-agent: request %u ino %llu -> %lld\n", p->op,
+			(unsigned long long)p->ino, (long long)result);
 	p->rep.result = result;
 	p->ready = true;
 	ag_conn_flush(a, p->conn);
@@ -133,9 +137,9 @@ void ag_reply_call(struct ag *a, struct ag_call *c, int64_t result)
 			s->connected = true; /* a second attempt, answered synchronously */
 		break;
 	case NK_OP_LISTEN:
-		if (s && result == 0 && !s->listening) {
+		if (s && result == 0) {
 			s->listening = true;
-			s->backlog = (int)c->aux;
+			s->backlog = (int)c->aux; /* a second listen() changes the backlog */
 			/* the filler stays: a Linux listener is never writable */
 			ag_sock_want_pump(a, s);
 		}
@@ -323,6 +327,8 @@ static void request(struct ag *a, struct ag_conn *c, const struct nk_ag_req *r)
 	struct ag_pend *p = ag_pend_new(c);
 	if (!p)
 		return; /* no memory: the connection falls out of step, the library times out */
+	p->op = r->op;
+	p->ino = r->ino;
 	if (r->op == NK_AG_HELLO) {
 		p->rep.arg0 = a->vm_id;
 		return ag_pend_done(a, p, getpid());

@@ -24,6 +24,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -484,12 +485,18 @@ int main(int argc, char **argv)
 	a->listen_fd = a->hold_fd = a->sig_fd = a->diag_fd = a->engine_fd = -1;
 	a->idle_since = -1;
 	a->idle_ns = o.idle_ms * 1000000LL;
-	a->debug = getenv("NK_AGENT_DEBUG") != NULL;
+	const char *dbg = getenv("NK_AGENT_DEBUG");
+	a->debug = dbg && *dbg && strcmp(dbg, "0") != 0;
 	const char *spin = getenv("NK_AGENT_SPIN_US");
 	a->spin_ns = spin ? atoll(spin) * 1000 : AG_SPIN_NS;
 	a->path = (char *)o.socket;
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGINT, SIG_IGN);
+	struct rlimit rl; /* one fd per socket of the whole program tree: as many as allowed */
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
 
 	char dev[PATH_MAX];
 	const char *why = NULL;

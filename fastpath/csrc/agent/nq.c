@@ -89,6 +89,8 @@ void ag_call_free(struct ag *a, uint32_t tag)
 	c->size = 0;
 	a->free_tags[a->nfree++] = tag;
 	ag_sock_call_ref(a, c->sock_id, -1);
+	if (a->starved)
+		ag_sock_unstarve(a); /* a slot and maybe a buffer are free again (BUF-7) */
 }
 
 uint32_t ag_calls_in_flight(const struct ag *a)

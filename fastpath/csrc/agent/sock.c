@@ -273,7 +273,7 @@ static void starve(struct ag *a, struct ag_sock *s)
 }
 
 /* Buffers or call slots were freed: every starved socket tries again. */
-static void unstarve(struct ag *a)
+void ag_sock_unstarve(struct ag *a)
 {
 	while (a->starved) {
 		struct ag_sock *s = a->starved;
@@ -519,6 +519,8 @@ void ag_sock_fin(struct ag *a, struct ag_sock *s)
  * app reads EOF and its writes fail with EPIPE. A datagram socket stays usable. */
 static void reset(struct ag *a, struct ag_sock *s, int err)
 {
+	if (a->debug)
+		fprintf(stderr, "nk-agent: socket %u reset: %s\n", s->id, strerror(err));
 	if (!s->so_error)
 		s->so_error = err;
 	if (s->broken)
@@ -566,7 +568,7 @@ void ag_sock_send_done(struct ag *a, struct ag_sock *s, int64_t result, uint32_t
 	} else if (s->stream && result < size && !s->broken) {
 		reset(a, s, EPIPE); /* the stack took part of it: the connection broke */
 	}
-	unstarve(a);
+	ag_sock_unstarve(a);
 	ag_sock_want_pump(a, s);
 }
 
@@ -782,8 +784,11 @@ static void send_close(struct ag *a, struct ag_sock *s)
 /* After EPOLLHUP and the last bytes SENT: is the app end really closed? */
 static void finish(struct ag *a, struct ag_sock *s)
 {
-	if (s->close_sent || s->accept_pending || s->ncalls > s->sends + (s->accepting ? 1u : 0u))
-		return; /* a call of the socket (CONNECT, a request) is still out */
+	/* an ACCEPT or a CONNECT in flight is answered -EBADF by the CLOSE (NSM-8): no need to
+	 * wait for it (a connect to a silent host takes minutes); other calls are waited for */
+	uint32_t cut = (s->accepting ? 1u : 0u) + (s->connecting ? 1u : 0u);
+	if (s->close_sent || s->accept_pending || s->ncalls > s->sends + cut)
+		return;
 	int alive = s->ino ? ag_diag_alive(a, s->ino) : 0;
 	if (alive == 1) { /* both directions shut, the app still holds it: watched */
 		shut_wr(a, s);
@@ -870,5 +875,5 @@ void ag_tick(struct ag *a)
 		}
 	}
 	if (a->starved && ag_calls_in_flight(a) == 0)
-		unstarve(a); /* nothing will free anything: try again */
+		ag_sock_unstarve(a); /* nothing will free anything: try again */
 }
