@@ -41,6 +41,20 @@ def listener(family: int = socket.AF_INET) -> socket.socket:
     return lst
 
 
+_KEEP: list[socket.socket] = []
+
+
+def refusing_port() -> int:
+    """A port bound but not listening: a connection to it is refused. (Not a listener
+    just closed: NetKernel's close is asynchronous, a CONNECT right after it may still
+    meet the listener and be reset instead.)"""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _KEEP.append(s)
+    port: int = s.getsockname()[1]
+    return port
+
+
 def recv_all(s: socket.socket, n: int) -> bytes:
     got = b""
     while len(got) < n:
@@ -150,9 +164,7 @@ def nonblocking_connect() -> None:
     say("select(0) sleeps", select.select([], [], [], 0.05))
     c2 = socket.socket()
     c2.setblocking(False)
-    closed = listener()
-    port = closed.getsockname()[1]
-    closed.close()
+    port = refusing_port()
     try:
         c2.connect(("127.0.0.1", port))
     except OSError as exc:
@@ -185,8 +197,7 @@ def unconnected() -> None:
     attempt("listening recv", lambda: lst.recv(10))
     attempt("listening send", lambda: lst.send(b"x", socket.MSG_NOSIGNAL))
     attempt("listening accept is fine", lambda: lst.setblocking(False) or lst.accept())
-    port = lst.getsockname()[1]
-    lst.close()
+    port = refusing_port()
     refused = socket.socket()
     attempt("refused connect", lambda: refused.connect(("127.0.0.1", port)))
     attempt("refused send", lambda: refused.send(b"x", socket.MSG_NOSIGNAL))
