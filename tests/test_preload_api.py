@@ -165,7 +165,8 @@ def test_true_and_ls_unchanged(programs: dict[str, Path], agent: dict[str, str],
 # --- rung 2: the API, scenario by scenario -------------------------------------------
 
 INET_SCENARIOS = ["tcp_pair", "nonblocking_connect", "unconnected", "epoll_sets", "dup_fcntl",
-                  "fork_inherit", "exec_inherit", "udp", "eintr", "threads", "fork_threads"]
+                  "fork_inherit", "exec_inherit", "udp", "eintr", "threads", "fork_threads",
+                  "asyncio_echo"]
 
 
 @pytest.mark.parametrize("name", INET_SCENARIOS)

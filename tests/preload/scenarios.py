@@ -196,7 +196,8 @@ def unconnected() -> None:
     lst = listener()
     attempt("listening recv", lambda: lst.recv(10))
     attempt("listening send", lambda: lst.send(b"x", socket.MSG_NOSIGNAL))
-    attempt("listening accept is fine", lambda: lst.setblocking(False) or lst.accept())
+    lst.setblocking(False)
+    attempt("listening accept is fine", lst.accept)
     port = refusing_port()
     refused = socket.socket()
     attempt("refused connect", lambda: refused.connect(("127.0.0.1", port)))
@@ -553,6 +554,50 @@ def agent_dies(host: str, port: str) -> None:
     t.sendall(b"again")
     say("new socket", recv_all(t, 5))
     say("agent", os.environ.get("NETKERNEL_AGENT", "").rsplit("/", 1)[-1].startswith("agent-"))
+
+
+@scenario
+def asyncio_echo() -> None:
+    """asyncio's epoll loop: 20 concurrent TCP echo clients, and a UDP endpoint pair."""
+    import asyncio
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    async def main() -> None:
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+
+        async def client(k: int) -> bool:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            payload = bytes([k]) * 200000
+            w.write(payload)
+            await w.drain()
+            w.write_eof()
+            got = await r.read(-1)
+            w.close()
+            return got == payload
+
+        say("tcp", await asyncio.gather(*(client(k) for k in range(20))) == [True] * 20)
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future[bytes] = loop.create_future()
+
+        class Sink(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                if not got.done():
+                    got.set_result(data)
+
+        t1, _ = await loop.create_datagram_endpoint(Sink, local_addr=("127.0.0.1", 0))
+        t2, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, remote_addr=t1.get_extra_info("sockname"))
+        t2.sendto(b"dgram")
+        say("udp", await asyncio.wait_for(got, 20))
+        srv.close()
+
+    asyncio.run(main())
 
 
 @scenario
