@@ -1,0 +1,366 @@
+/* nk-agent: NQEs on the tenant device's queue set 0 (spec/nqe.md, spec/device.md).
+ *
+ * The same discipline as tenant.c: a request's tag is its slot in the table of calls
+ * in flight (NQE-9), requests wait in an outbox until their ring has room (DEV-8),
+ * the ENGINE bell is rung when the CoreEngine's consumer sleeps (RING-6), EV_DATA
+ * spans go back with BUF_RETURN once the kernel took them (BUF-4). Unlike tenant.c
+ * nothing here blocks: replies complete calls through callbacks into sock.c/ctl.c.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "agent.h"
+#include "nk/bell.h"
+
+#define POLL_BATCH 64
+#define MAX_TAGS 65536u /* a tag is 16 bits (NQE-5) */
+
+int64_t ag_now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Queue set 0 of a READY tenant device, as nk_tenant_init sets it up (DEV-2, DEV-12..14). */
+int ag_dev_init(struct ag *a, void *base, uint64_t len)
+{
+	struct nk_geometry g;
+	int rc = nk_dev_read_header(base, len, &g);
+	if (rc < 0)
+		return rc;
+	const struct nk_dev_header *h = base;
+	if (g.kind != NK_KIND_TENANT || h->state != NK_STATE_READY)
+		return -EPROTO;
+	a->base = base;
+	a->len = len;
+	a->geo = g;
+	a->data = (char *)base + nk_geo_data_offset(&g);
+	char *q = base;
+	nk_ring_init(&a->job.ring, q + nk_geo_ring_offset(&g, AG_QSET, NK_RING_JOB), g.ring_entries);
+	nk_ring_init(&a->send.ring, q + nk_geo_ring_offset(&g, AG_QSET, NK_RING_SEND),
+		     g.ring_entries);
+	nk_ring_init(&a->completion, q + nk_geo_ring_offset(&g, AG_QSET, NK_RING_COMPLETION),
+		     g.ring_entries);
+	nk_ring_init(&a->receive, q + nk_geo_ring_offset(&g, AG_QSET, NK_RING_RECEIVE),
+		     g.ring_entries);
+	a->device_bell = (uint32_t *)(q + nk_geo_bell_offset(&g, AG_QSET, NK_BELL_DEVICE));
+	a->engine_bell = (uint32_t *)(q + nk_geo_bell_offset(&g, AG_QSET, NK_BELL_ENGINE));
+	/* SEC-5: no more than one ring's worth in flight, so every reply finds room */
+	uint64_t n = g.ring_entries;
+	a->ncalls = n < MAX_TAGS ? (uint32_t)n : MAX_TAGS;
+	a->calls = calloc(a->ncalls, sizeof(*a->calls));
+	a->free_tags = calloc(a->ncalls, sizeof(*a->free_tags));
+	if ((rc = nk_bufpool_new_send(&a->pool, &g)) < 0)
+		return rc;
+	if (!a->calls || !a->free_tags)
+		return -ENOMEM;
+	for (uint32_t i = 0; i < a->ncalls; i++)
+		a->free_tags[i] = a->ncalls - 1 - i;
+	a->nfree = a->ncalls;
+	return 0;
+}
+
+/* ---- calls in flight (NQE-9: the tag is the slot) ---------------------------------- */
+
+int ag_call_new(struct ag *a, uint8_t op, uint32_t sock_id, bool data)
+{
+	if (a->ce_dead)
+		return -ENETDOWN; /* GL-9: nothing is sent to a CoreEngine that is gone */
+	if (a->nfree <= (data ? AG_CALL_HEADROOM : 0))
+		return -EAGAIN;
+	uint32_t tag = a->free_tags[--a->nfree];
+	a->calls[tag] = (struct ag_call){ .used = true, .op = op, .sock_id = sock_id };
+	ag_sock_call_ref(a, sock_id, +1);
+	return (int)tag;
+}
+
+void ag_call_free(struct ag *a, uint32_t tag)
+{
+	struct ag_call *c = &a->calls[tag];
+	if (c->size)
+		nk_bufpool_free(a->pool, c->buf, NULL);
+	c->used = false;
+	c->size = 0;
+	a->free_tags[a->nfree++] = tag;
+	ag_sock_call_ref(a, c->sock_id, -1);
+	if (a->starved)
+		ag_sock_unstarve(a); /* a slot and maybe a buffer are free again (BUF-7) */
+}
+
+uint32_t ag_calls_in_flight(const struct ag *a)
+{
+	return a->ncalls - a->nfree;
+}
+
+/* Lend the call a send-half buffer holding `in` or room for `room` bytes (BUF-3). */
+int ag_call_buffer(struct ag *a, uint32_t tag, const void *in, uint32_t in_len, uint32_t room)
+{
+	struct ag_call *c = &a->calls[tag];
+	uint32_t size = in_len > room ? in_len : room;
+	if (size == 0)
+		return 0;
+	int rc = nk_bufpool_alloc(a->pool, size, &c->buf);
+	if (rc < 0)
+		return rc == -ENOSPC ? -ENOBUFS : rc;
+	c->size = size;
+	c->room = room;
+	if (in_len)
+		memcpy(a->data + c->buf, in, in_len);
+	return 0;
+}
+
+/* ---- submission ---------------------------------------------------------------------- */
+
+static int outbox_add(struct ag_outbox *b, const struct nk_nqe *n)
+{
+	if (b->len == b->cap) {
+		uint32_t cap = b->cap ? b->cap * 2 : 64;
+		struct nk_nqe *q = malloc(cap * sizeof(*q));
+		if (!q)
+			return -ENOMEM;
+		for (uint32_t i = 0; i < b->len; i++)
+			q[i] = b->q[(b->head + i) % b->cap];
+		free(b->q);
+		b->q = q;
+		b->head = 0;
+		b->cap = cap;
+	}
+	b->q[(b->head + b->len) % b->cap] = *n;
+	b->len++;
+	return 0;
+}
+
+/* Publish the outbox in order; ring the ENGINE bell if its consumer sleeps (RING-6). */
+static int outbox_flush(struct ag *a, struct ag_outbox *b)
+{
+	bool pushed = false;
+	while (b->len) {
+		uint32_t run = b->cap - b->head;
+		if (run > b->len)
+			run = b->len;
+		int64_t n = nk_ring_push(&b->ring, &b->q[b->head], run);
+		if (n < 0)
+			return (int)n; /* RING-10 */
+		if (n == 0)
+			break;
+		pushed = true;
+		b->head = (b->head + (uint32_t)n) % b->cap;
+		b->len -= (uint32_t)n;
+	}
+	if (pushed && nk_ring_consumer_sleeping(&b->ring)) {
+		nk_bell_ring(a->engine_bell);
+		a->n_bells++;
+	}
+	return 0;
+}
+
+int ag_flush(struct ag *a)
+{
+	if (a->ce_dead)
+		return 0;
+	int rc = outbox_flush(a, &a->job);
+	return rc < 0 ? rc : outbox_flush(a, &a->send);
+}
+
+/* Queue call `tag` on its ring's outbox (DEV-8: SEND on SEND, the rest on JOB); it is
+ * published by the loop's next flush, so a burst costs one tail store. */
+int ag_publish(struct ag *a, uint32_t tag, uint64_t op_data)
+{
+	struct ag_call *c = &a->calls[tag];
+	struct nk_nqe n = { .op = c->op, .qset = AG_QSET, .sock_id = c->sock_id,
+			    .op_data = op_data, .data_ptr = c->size ? c->buf : 0,
+			    .size = c->size, .tag = (uint16_t)tag };
+	if (c->op == NK_OP_SEND)
+		a->n_sends++;
+	return outbox_add(c->op == NK_OP_SEND ? &a->send : &a->job, &n);
+}
+
+/* BUF-4: an EV_DATA span goes back exactly as it came, once. */
+void ag_buf_return(struct ag *a, uint64_t off, uint32_t size)
+{
+	if (a->ce_dead)
+		return; /* the area is gone with the CoreEngine */
+	struct nk_nqe n = { .op = NK_OP_BUF_RETURN, .qset = AG_QSET, .data_ptr = off, .size = size };
+	outbox_add(&a->send, &n);
+}
+
+/* ---- the dispatcher ------------------------------------------------------------------ */
+
+static void complete(struct ag *a, uint32_t tag, int64_t result)
+{
+	struct ag_call *c = &a->calls[tag];
+	struct ag_sock *s = ag_sock_by_id(a, c->sock_id);
+	switch (c->op) {
+	case NK_OP_SEND: {
+		uint32_t size = c->size;
+		ag_call_free(a, tag); /* BUF-3: the buffer is ours again */
+		if (s)
+			ag_sock_send_done(a, s, result, size);
+		return;
+	}
+	case NK_OP_CLOSE: /* the ID may be reused once the reply is read */
+		ag_call_free(a, tag);
+		if (s)
+			ag_sock_closed(a, s);
+		return;
+	case NK_OP_ACCEPT: {
+		char addr[AG_SOCKADDR_ROOM] = { 0 };
+		if (result > 0 && c->size)
+			memcpy(addr, a->data + c->buf,
+			       result < (int64_t)sizeof(addr) ? (size_t)result : sizeof(addr));
+		uint32_t new_id = (uint32_t)c->aux;
+		ag_call_free(a, tag);
+		if (s)
+			ag_sock_accepted(a, s, new_id, result, addr);
+		return;
+	}
+	case NK_OP_CONNECT:
+		if (s && s->stream && !c->pend) {
+			ag_call_free(a, tag);
+			ag_sock_settle(a, s, result);
+			return;
+		}
+		break;
+	case NK_OP_SHUTDOWN:
+		if (s && result == 0 && c->aux != SHUT_RD)
+			s->wr_shut = true;
+		break;
+	default:
+		break;
+	}
+	ag_reply_call(a, c, result); /* answers the control request waiting, if any */
+	ag_call_free(a, tag);
+}
+
+static void event(struct ag *a, const struct nk_nqe *n)
+{
+	a->n_events++;
+	struct ag_sock *s = ag_sock_by_id(a, n->sock_id);
+	switch (n->op) {
+	case NK_OP_EV_DATA:
+		if (s && !s->close_sent && !s->broken) {
+			ag_sock_data(a, s, n); /* held until written (BUF-4) */
+			return;
+		}
+		if (s)
+			s->unread = true;
+		ag_buf_return(a, n->data_ptr, n->size); /* nobody will read it */
+		return;
+	case NK_OP_EV_FIN:
+		if (s)
+			ag_sock_fin(a, s);
+		return;
+	case NK_OP_EV_ERROR: {
+		int64_t r = nk_nqe_result(n);
+		int err = r < 0 && r >= -4095 ? (int)-r : EIO;
+		if (n->sock_id == NK_SOCK_NONE) { /* the NSM is gone: every socket (CE-19, PRE-9) */
+			a->nsm_dead = true;
+			a->nsm_err = err;
+			ag_all_broken(a, err);
+		} else if (s) {
+			ag_sock_error(a, s, err);
+		}
+		return;
+	}
+	case NK_OP_EV_ACCEPTABLE:
+		if (s) {
+			s->acceptable = true;
+			ag_sock_accept_more(a, s);
+		}
+		return;
+	default:
+		return; /* not for a tenant */
+	}
+}
+
+static void dispatch(struct ag *a, const struct nk_nqe *n)
+{
+	if (n->op & NK_REPLY_BIT) {
+		struct ag_call *c = n->tag < a->ncalls ? &a->calls[n->tag] : NULL;
+		if (c && c->used && c->sock_id == n->sock_id && (n->op & 0x7F) == c->op)
+			complete(a, n->tag, nk_nqe_result(n));
+		/* else BUF_RETURN|0x80 (BUF-5) or a stray reply: nothing waits for it */
+		return;
+	}
+	event(a, n);
+}
+
+/* Everything on COMPLETION and RECEIVE now; the number of NQEs handled. */
+int ag_poll_rings(struct ag *a)
+{
+	if (a->ce_dead)
+		return 0;
+	struct nk_nqe batch[POLL_BATCH];
+	struct nk_ring *rings[2] = { &a->completion, &a->receive };
+	int total = 0;
+	for (int r = 0; r < 2; r++) {
+		for (;;) {
+			int64_t n = nk_ring_pop(rings[r], batch, POLL_BATCH);
+			if (n < 0)
+				return -EBADMSG; /* RING-10: the device is broken */
+			for (int64_t i = 0; i < n; i++)
+				dispatch(a, &batch[i]);
+			total += (int)n;
+			if (n < POLL_BATCH)
+				break;
+		}
+	}
+	return total;
+}
+
+/* RING-6: NEED_WAKEUP on both incoming rings, then the re-check. True: both are empty,
+ * the loop may sleep (the bell thread turns a ring of the DEVICE bell into the eventfd). */
+bool ag_rings_prepare_sleep(struct ag *a)
+{
+	if (a->ce_dead)
+		return true;
+	return nk_ring_prepare_sleep(&a->completion) == 1 &&
+	       nk_ring_prepare_sleep(&a->receive) == 1;
+}
+
+void ag_rings_finish_sleep(struct ag *a)
+{
+	if (a->ce_dead)
+		return;
+	nk_ring_finish_sleep(&a->completion);
+	nk_ring_finish_sleep(&a->receive);
+}
+
+/* The bell thread: wakes the loop (eventfd) whenever the DEVICE bell word changed since it
+ * last looked, so a ring between its wake-up and its next wait is not lost (DEV-9). */
+void *ag_bell_main(void *arg)
+{
+	struct ag *a = arg;
+	uint32_t seen = a->bell_seen;
+	while (!atomic_load_explicit(&a->quit, memory_order_acquire)) {
+		uint32_t now = nk_bell_value(a->device_bell);
+		if (now != seen) {
+			seen = now;
+			uint64_t one = 1;
+			if (write(a->wake_fd, &one, sizeof(one)) < 0) {
+				/* EAGAIN: the counter is saturated, the loop is awake anyway */
+			}
+		}
+		nk_bell_wait(a->device_bell, now, (int64_t)AG_SLEEP_MS * 1000000); /* RING-7 */
+	}
+	return NULL;
+}
+
+/* The CoreEngine is gone (GL-9): no reply will ever come. Every call ends here with
+ * ECONNRESET (ENETDOWN for a SOCKET): control requests get their answer, sockets whose
+ * CLOSE was in flight are freed. */
+void ag_fail_calls(struct ag *a)
+{
+	for (uint32_t tag = 0; tag < a->ncalls; tag++) {
+		struct ag_call *c = &a->calls[tag];
+		if (!c->used)
+			continue;
+		complete(a, tag, c->op == NK_OP_SOCKET ? -ENETDOWN : -ECONNRESET);
+	}
+}
