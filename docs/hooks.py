@@ -318,7 +318,9 @@ def gen_target_roles(_: list[str], page: Page) -> str:
     rows = []
     for role in targets.ROLES:
         binding = [r.id for r in known.values() if role in r.roles]
-        rows.append((f"`{role}`", f"`{modules[role]}`", len(binding),
+        model = f"`{modules[role]}`" if role in modules else (
+            "none: " + targets.REFERENCE_NOT_APPLICABLE.get(role, "not modelled"))
+        rows.append((f"`{role}`", model, len(binding),
                      ", ".join(binding[:6]) + (" …" if len(binding) > 6 else "")))
     return _table(["role", "modelled by", "requirements", "e.g."], rows)
 

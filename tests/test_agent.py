@@ -11,6 +11,7 @@ records), PRE-8 (UDP records), PRE-9 (failures).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -18,6 +19,7 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -281,6 +283,38 @@ def test_connect_refused_sets_so_error(agent: Agent) -> None:
         ctl.close()
 
 
+def test_closing_a_connecting_socket_frees_it_at_once(agent: Agent) -> None:
+    """PRE-6: the last close of a socket whose CONNECT is still out (a silent address)
+    sends CLOSE without waiting for the connect's minutes-long timeout."""
+    with time_limit(30):
+        full = socket.socket()  # a listener whose queue is full drops SYNs: a silent peer
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = []
+        for _ in range(3):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+        ctl = agent.connect()
+        app, ino = ctl.socket()
+        result = ctl.call(CONNECT, ino, data=sockaddr_in("127.0.0.1", port))[0]
+        assert result == -errno.EINPROGRESS
+        _, w, _ = select.select([], [app], [], 0.5)
+        assert not w, "the connect should still be in progress"
+        app.close()
+        deadline = time.monotonic() + 3
+        while ctl.call(LOOKUP, ino)[0] != -errno.ENOENT:
+            assert time.monotonic() < deadline, "the socket outlived its last close"
+            time.sleep(0.02)
+        ctl.close()
+        assert agent.wait(10) == 0, "the agent did not go idle"
+        for f in fillers:
+            f.close()
+        full.close()
+
+
 def test_peer_close_is_eof_and_last_close_is_peer_eof(agent: Agent) -> None:
     """PRE-6: the kernel peer's close reads as EOF on the app end; the app end's last close
     (after a dup) reaches the peer as EOF."""
@@ -328,6 +362,30 @@ def test_close_with_unread_data_resets_the_peer(agent: Agent) -> None:
         with pytest.raises(ConnectionResetError):
             while peer.recv(100):
                 pass
+        peer.close()
+        lst.close()
+        ctl.close()
+
+
+def test_a_child_process_holds_the_socket(agent: Agent) -> None:
+    """PRE-2, PRE-6: the app end inherited by another process keeps the socket alive after
+    the parent's close; the child's writes arrive and its exit is the last close (EOF)."""
+    with time_limit(30):
+        lst = kernel_listener()
+        ctl = agent.connect()
+        app, _ = connected(ctl, lst.getsockname()[1])
+        peer, _ = lst.accept()
+        peer.settimeout(10)
+        code = "import os, socket; s = socket.socket(fileno=int(os.sys.argv[1])); " \
+               "s.sendall(b'from the child ' * 1000)"
+        child = subprocess.Popen([sys.executable, "-c", code, str(app.fileno())],
+                                 pass_fds=[app.fileno()])
+        app.close()
+        assert child.wait(10) == 0
+        data = b""
+        while chunk := peer.recv(1 << 16):
+            data += chunk
+        assert data == b"from the child " * 1000
         peer.close()
         lst.close()
         ctl.close()
@@ -460,6 +518,26 @@ def test_backpressure_reaches_the_app_end(agent: Agent) -> None:
         ctl.close()
 
 
+def test_shutdown_of_a_listener_stops_it(agent: Agent) -> None:
+    """PRE-7, as Linux: shutdown(SHUT_WR) of a listener is a no-op, SHUT_RDWR stops it
+    listening (new connections are refused, accept reads the end)."""
+    with time_limit(30):
+        ctl = agent.connect()
+        lst, ino = ctl.socket()
+        assert ctl.call(BIND, ino, data=sockaddr_in("127.0.0.1", 0))[0] == 0
+        assert ctl.call(LISTEN, ino, args=(8, 0, 0))[0] == 0
+        port = parse_sockaddr_in(ctl.call(GETSOCKNAME, ino)[2])[1]
+        assert ctl.call(SHUTDOWN, ino, args=(socket.SHUT_WR, 0, 0))[0] == 0
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        lst.shutdown(socket.SHUT_RDWR)  # the library's part
+        assert ctl.call(SHUTDOWN, ino, args=(socket.SHUT_RDWR, 0, 0))[0] == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert ctl.call(LOOKUP, ino)[0] == KIND_STREAM
+        lst.close()
+        ctl.close()
+
+
 def test_accept_stops_at_the_backlog(agent: Agent) -> None:
     """PRE-7: records the app has not taken stay at most the backlog; the rest are
     accepted once it takes them."""
@@ -514,6 +592,40 @@ def test_udp_records(agent: Agent) -> None:
         assert ctl.call(CONNECT, ino, data=dest)[0] == 0
         app.send(RECORD.pack(0, b"") + b"connected")
         assert peer.recvfrom(100) == (b"connected", mine)
+        app.close()
+        peer.close()
+        ctl.close()
+
+
+def test_udp_datagrams_held_by_the_agent_keep_their_boundaries(agent: Agent) -> None:
+    """PRE-8, PRE-4: datagrams arriving faster than the app reads fill the app end and then
+    wait in the agent (NREAD = the next one's payload size); every one read is intact."""
+    with time_limit(60):
+        ctl = agent.connect()
+        app, ino = ctl.socket(socket.SOCK_DGRAM)
+        assert ctl.call(BIND, ino, data=sockaddr_in("127.0.0.1", 0))[0] == 0
+        mine = parse_sockaddr_in(ctl.call(GETSOCKNAME, ino)[2])
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for k in range(1500):
+            peer.sendto(struct.pack("<I", k) * 250, mine)
+            if k % 100 == 99:
+                time.sleep(0.01)  # the NSM keeps up; the app does not read
+        deadline = time.monotonic() + 5
+        while ctl.call(NREAD, ino)[0] == 0:
+            assert time.monotonic() < deadline, "nothing held: the app end never filled"
+            time.sleep(0.05)
+        assert ctl.call(NREAD, ino)[0] == 1000
+        app.settimeout(1)
+        seen = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                rec = app.recv(2048)
+                assert len(rec) == 32 + 1000
+                k = struct.unpack("<I", rec[32:36])[0]
+                assert rec[32:] == struct.pack("<I", k) * 250
+                seen.append(k)
+        assert len(seen) >= 100 and seen == sorted(seen)  # UDP: the NSM may drop past its cap
+        assert ctl.call(NREAD, ino)[0] == 0
         app.close()
         peer.close()
         ctl.close()

@@ -165,7 +165,8 @@ def test_true_and_ls_unchanged(programs: dict[str, Path], agent: dict[str, str],
 # --- rung 2: the API, scenario by scenario -------------------------------------------
 
 INET_SCENARIOS = ["tcp_pair", "nonblocking_connect", "unconnected", "epoll_sets", "dup_fcntl",
-                  "fork_inherit", "exec_inherit", "udp", "eintr", "threads", "fork_threads"]
+                  "fork_inherit", "exec_inherit", "udp", "eintr", "threads", "fork_threads",
+                  "asyncio_echo"]
 
 
 @pytest.mark.parametrize("name", INET_SCENARIOS)
@@ -196,13 +197,14 @@ def test_unix_sockets_untouched(agent: dict[str, str], inst: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["eintr", "nosignal", "syscall", "accept", "chk", "mmsg",
-                                  "closeall"])
+                                  "reuse", "closeall"])
 def test_c_calls_match_linux(programs: dict[str, Path], agent: dict[str, str], inst: str,
                              name: str) -> None:
     """PRE-2, PRE-3, PRE-5, PRE-7: EINTR under sigaction without SA_RESTART, EPIPE with
     MSG_NOSIGNAL, raw syscall(SYS_socket, ...) and friends, accept4 flags, the _chk
-    variants, a program closing or dup2-ing over every fd (the library's control
-    connection too): as on Linux, through NetKernel."""
+    variants, fds closed inside glibc (fclose, closefrom) and reused, a program closing
+    or dup2-ing over every fd (the library's control connection too): as on Linux,
+    through NetKernel."""
     with time_limit(3 * RUN_TIMEOUT):
         before = nsm_sockets(inst)
         same_as_linux([str(programs["dynamic"]), name], agent)
@@ -246,19 +248,25 @@ def test_static_binary_is_not_intercepted(programs: dict[str, Path],
 
 def test_exec_puts_the_environment_back(programs: dict[str, Path],
                                         agent: dict[str, str]) -> None:
-    """PRE-3: vfork+execle with a bare environment, posix_spawn with an empty one and
-    execlp after unsetenv("LD_PRELOAD") all start children with the library."""
+    """PRE-3: vfork+execle with a bare environment, posix_spawn with an empty one,
+    execlp after unsetenv("LD_PRELOAD"), posix_spawnp, execv after clearenv(), fexecve
+    and execveat all start children with the library."""
     linux = run([str(programs["dynamic"]), "spawns"], plain_env())
     assert linux.stdout.count("LD_PRELOAD=set") == 0
+    assert len(linux.stdout.splitlines()) == 7, linux.stdout + linux.stderr
     nk = run([str(programs["dynamic"]), "spawns"], agent)
-    assert nk.stdout.count("LD_PRELOAD=set") == 3, nk.stdout + nk.stderr
+    assert nk.stdout.count("LD_PRELOAD=set") == 7, nk.stdout + nk.stderr
 
 
-def test_exec_child_finds_the_agent(agent: dict[str, str]) -> None:
-    """PRE-3: a child exec'd with a scrubbed environment gets LD_PRELOAD and the same
-    NETKERNEL_AGENT back."""
-    code = ("import os, sys; env = {'PATH': '/usr/bin:/bin'};"
-            f"os.execve(sys.executable, [sys.executable, {str(SCENARIOS)!r}, 'show_env'], env)")
+@pytest.mark.parametrize("how", ["execve(env)", "unsetenv+execv"])
+def test_exec_child_finds_the_agent(agent: dict[str, str], how: str) -> None:
+    """PRE-3: a child exec'd with a scrubbed environment (a new one passed, or the
+    program's own emptied) gets LD_PRELOAD and the same NETKERNEL_AGENT back."""
+    argv = f"[sys.executable, {str(SCENARIOS)!r}, 'show_env']"
+    if how == "execve(env)":
+        code = f"import os, sys; os.execve(sys.executable, {argv}, {{'PATH': '/bin'}})"
+    else:
+        code = f"import os, sys; os.environ.clear(); os.execv(sys.executable, {argv})"
     out = run([sys.executable, "-c", code], agent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [f"LD_PRELOAD {LIB}",
@@ -361,3 +369,28 @@ def test_agent_death_ends_sockets_and_a_new_agent_takes_over(programs: dict[str,
         assert out.splitlines() == ["read after b''", "send after EPIPE",
                                     "name after ECONNRESET", "new socket b'again'",
                                     "agent True"]
+
+
+def test_blocking_connect_is_interrupted(programs: dict[str, Path], agent: dict[str, str],
+                                         inst: str) -> None:
+    """PRE-5: a blocking connect that cannot complete (the kernel listener's queue is
+    full, its SYNs are dropped) returns EINTR when a handler without SA_RESTART runs."""
+    with time_limit(3 * RUN_TIMEOUT), socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(0)
+        fillers = []
+        for _ in range(3):  # the accept queue full, and SYNs beyond it waiting
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(lst.getsockname())
+            fillers.append(c)
+        try:
+            before = nsm_sockets(inst)
+            cmd = [str(programs["dynamic"]), "connect_eintr", str(lst.getsockname()[1])]
+            out = same_as_linux(cmd, agent)
+            assert out.stdout == "connect -1 EINTR\n"
+            assert nsm_sockets(inst) == before + 1
+        finally:
+            for c in fillers:
+                c.close()

@@ -261,6 +261,30 @@ static int spawns(void)
 		_exit(127);
 	}
 	waitpid(pid, &st, 0);
+	char *argv2[] = { "sh", "-c", "echo posix_spawnp LD_PRELOAD=${LD_PRELOAD:+set}", NULL };
+	CHECK(-posix_spawnp(&pid, "sh", NULL, NULL, argv2, bare));
+	waitpid(pid, &st, 0);
+	fflush(stdout);
+	for (int how = 0; how < 3; how++) {
+		static const char *names[] = { "execv", "fexecve", "execveat" };
+		char cmd[80];
+		snprintf(cmd, sizeof cmd, "echo %s LD_PRELOAD=${LD_PRELOAD:+set}", names[how]);
+		char *av[] = { "sh", "-c", cmd, NULL };
+		pid = fork();
+		if (pid == 0) {
+			if (how == 0) {
+				clearenv();
+				execv("/bin/sh", av);
+			} else if (how == 1) {
+				int fd = open("/bin/sh", O_RDONLY | O_CLOEXEC);
+				fexecve(fd, av, bare);
+			} else {
+				execveat(AT_FDCWD, "/bin/sh", av, bare, 0);
+			}
+			_exit(127);
+		}
+		waitpid(pid, &st, 0);
+	}
 	return 0;
 }
 
@@ -385,6 +409,50 @@ static int mmsg(void)
 	return 0;
 }
 
+/* A socket's fd closed inside glibc (fclose of an fdopen'ed FILE, closefrom), then
+ * reused for a pipe: the pipe is a pipe, not the UDP socket the number used to be. */
+static int reuse(void)
+{
+	for (int round = 0; round < 2; round++) {
+		int u = socket(AF_INET, SOCK_DGRAM, 0);
+		CHECK(u);
+		if (round == 0) {
+			FILE *f = fdopen(u, "r+");
+			if (f == NULL || fclose(f) != 0)
+				printf("fdopen/fclose failed\n");
+		} else {
+			closefrom(u);
+		}
+		int p[2];
+		CHECK(pipe(p));
+		char buf[8] = { 0 };
+		ssize_t w = write(p[1], "pipe", 4);
+		ssize_t r = read(p[0], buf, sizeof buf);
+		printf("%s: reused %d, pipe write %zd read %zd %s\n", round ? "closefrom" : "fclose",
+		       p[0] == u || p[1] == u, w, r, buf);
+		close(p[0]);
+		close(p[1]);
+	}
+	return 0;
+}
+
+/* A blocking connect to a listener whose queue is full (its SYNs are dropped) is
+ * interrupted by a signal handler without SA_RESTART: EINTR (PRE-5). */
+static int connect_eintr(const char *port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+				 .sin_port = htons((uint16_t)atoi(port)) };
+	struct sigaction sa = { .sa_handler = on_alarm };
+	sigaction(SIGALRM, &sa, NULL);
+	struct itimerval it = { .it_value = { 0, 300000 } };
+	setitimer(ITIMER_REAL, &it, NULL);
+	int c = socket(AF_INET, SOCK_STREAM, 0);
+	CHECK(c);
+	int r = connect(c, (struct sockaddr *)&a, sizeof a);
+	printf("connect %d %s\n", r, ename(r < 0 ? errno : 0));
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -405,10 +473,14 @@ int main(int argc, char **argv)
 		return chk();
 	if (!strcmp(what, "mmsg"))
 		return mmsg();
+	if (!strcmp(what, "connect_eintr") && argc > 2)
+		return connect_eintr(argv[2]);
+	if (!strcmp(what, "reuse"))
+		return reuse();
 	if (!strcmp(what, "closeall"))
 		return closeall();
 	if (!strcmp(what, "spawns"))
 		return spawns();
-	fprintf(stderr, "usage: nkcalls eintr|sigpipe|nosignal|syscall|which|accept|chk|mmsg|closeall|spawns\n");
+	fprintf(stderr, "usage: nkcalls eintr|sigpipe|nosignal|syscall|which|accept|chk|mmsg|connect_eintr PORT|reuse|closeall|spawns\n");
 	return 2;
 }

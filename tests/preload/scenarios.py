@@ -41,6 +41,20 @@ def listener(family: int = socket.AF_INET) -> socket.socket:
     return lst
 
 
+_KEEP: list[socket.socket] = []
+
+
+def refusing_port() -> int:
+    """A port bound but not listening: a connection to it is refused. (Not a listener
+    just closed: NetKernel's close is asynchronous, a CONNECT right after it may still
+    meet the listener and be reset instead.)"""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _KEEP.append(s)
+    port: int = s.getsockname()[1]
+    return port
+
+
 def recv_all(s: socket.socket, n: int) -> bytes:
     got = b""
     while len(got) < n:
@@ -150,9 +164,7 @@ def nonblocking_connect() -> None:
     say("select(0) sleeps", select.select([], [], [], 0.05))
     c2 = socket.socket()
     c2.setblocking(False)
-    closed = listener()
-    port = closed.getsockname()[1]
-    closed.close()
+    port = refusing_port()
     try:
         c2.connect(("127.0.0.1", port))
     except OSError as exc:
@@ -184,9 +196,9 @@ def unconnected() -> None:
     lst = listener()
     attempt("listening recv", lambda: lst.recv(10))
     attempt("listening send", lambda: lst.send(b"x", socket.MSG_NOSIGNAL))
-    attempt("listening accept is fine", lambda: lst.setblocking(False) or lst.accept())
-    port = lst.getsockname()[1]
-    lst.close()
+    lst.setblocking(False)
+    attempt("listening accept is fine", lst.accept)
+    port = refusing_port()
     refused = socket.socket()
     attempt("refused connect", lambda: refused.connect(("127.0.0.1", port)))
     attempt("refused send", lambda: refused.send(b"x", socket.MSG_NOSIGNAL))
@@ -542,6 +554,50 @@ def agent_dies(host: str, port: str) -> None:
     t.sendall(b"again")
     say("new socket", recv_all(t, 5))
     say("agent", os.environ.get("NETKERNEL_AGENT", "").rsplit("/", 1)[-1].startswith("agent-"))
+
+
+@scenario
+def asyncio_echo() -> None:
+    """asyncio's epoll loop: 20 concurrent TCP echo clients, and a UDP endpoint pair."""
+    import asyncio
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    async def main() -> None:
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+
+        async def client(k: int) -> bool:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            payload = bytes([k]) * 200000
+            w.write(payload)
+            await w.drain()
+            w.write_eof()
+            got = await r.read(-1)
+            w.close()
+            return got == payload
+
+        say("tcp", await asyncio.gather(*(client(k) for k in range(20))) == [True] * 20)
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future[bytes] = loop.create_future()
+
+        class Sink(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                if not got.done():
+                    got.set_result(data)
+
+        t1, _ = await loop.create_datagram_endpoint(Sink, local_addr=("127.0.0.1", 0))
+        t2, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, remote_addr=t1.get_extra_info("sockname"))
+        t2.sendto(b"dgram")
+        say("udp", await asyncio.wait_for(got, 20))
+        srv.close()
+
+    asyncio.run(main())
 
 
 @scenario

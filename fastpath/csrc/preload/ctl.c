@@ -50,11 +50,19 @@ void nk_ctl_lost(int fd)
 					    __ATOMIC_ACQUIRE);
 }
 
+/* Our connection's fd, if it still is ours: closefrom() and the like close fds
+ * behind our back, and the number may be the program's by now. */
+static bool fd_is_ctl(void)
+{
+	struct stat st;
+	return ctl_fd >= 0 && fstat(ctl_fd, &st) == 0 && st.st_ino == ctl_ino;
+}
+
 void nk_ctl_atfork_child(void)
 {
 	/* The parent's lock state and connection are the parent's. */
 	pthread_mutex_init(&mu, NULL);
-	if (ctl_fd >= 0)
+	if (fd_is_ctl())
 		REAL(close)(ctl_fd);
 	ctl_fd = -1;
 }
@@ -66,24 +74,22 @@ void nk_ctl_init(void)
 
 static void drop(void)
 {
-	if (ctl_fd >= 0 && ctl_pid == getpid())
+	if (fd_is_ctl())
 		REAL(close)(ctl_fd);
 	__atomic_store_n(&ctl_fd, -1, __ATOMIC_RELEASE);
 }
 
 static bool still_ours(void)
 {
-	struct stat st;
 	if (ctl_fd < 0)
 		return false;
-	if (ctl_pid != getpid()) {
-		/* A child made by raw clone(): the fd is the parent's connection. */
-		REAL(close)(ctl_fd);
-		__atomic_store_n(&ctl_fd, -1, __ATOMIC_RELEASE);
+	if (!fd_is_ctl()) {
+		__atomic_store_n(&ctl_fd, -1, __ATOMIC_RELEASE); /* not ours to close any more */
 		return false;
 	}
-	if (fstat(ctl_fd, &st) < 0 || st.st_ino != ctl_ino) {
-		__atomic_store_n(&ctl_fd, -1, __ATOMIC_RELEASE); /* not ours to close any more */
+	if (ctl_pid != getpid()) {
+		/* A child made by raw clone() (no atfork handler): the parent's connection. */
+		drop();
 		return false;
 	}
 	return true;
@@ -270,6 +276,7 @@ static int spawn_agent(char *path, size_t size)
 	if (got != 1)
 		return -ENETDOWN;
 	setenv(NK_AG_ENV_SOCKET, path, 1);
+	nk_env_agent(path);
 	return 0;
 }
 

@@ -21,10 +21,22 @@
 
 extern char **environ;
 
+static void keep(char *dst, size_t size, const char *value)
+{
+	if (value != NULL && strlen(value) < size)
+		strcpy(dst, value);
+}
+
 static char self_path[PATH_MAX];
 static char agent_bin[PATH_MAX];
 static char saved_instance[256];
 static char saved_root[PATH_MAX];
+static char saved_agent[PATH_MAX];  /* NETKERNEL_AGENT, even if the program unsets it */
+
+void nk_env_agent(const char *path)
+{
+	keep(saved_agent, sizeof saved_agent, path);
+}
 
 const char *nk_self_path(void)
 {
@@ -39,11 +51,6 @@ const char *nk_agent_bin(void)
 	return agent_bin[0] ? agent_bin : NULL;
 }
 
-static void keep(char *dst, size_t size, const char *value)
-{
-	if (value != NULL && strlen(value) < size)
-		strcpy(dst, value);
-}
 
 /* Where this library and nk-agent are: the environment if it says, else next to
  * this library (dladdr), as `make preload agent` lays them out. */
@@ -67,6 +74,7 @@ void nk_env_init(void)
 	}
 	keep(saved_instance, sizeof saved_instance, getenv("NETKERNEL_INSTANCE"));
 	keep(saved_root, sizeof saved_root, getenv("NETKERNEL_ROOT"));
+	keep(saved_agent, sizeof saved_agent, getenv(NK_AG_ENV_SOCKET));
 }
 
 /* --- the environment a child gets ------------------------------------------------ */
@@ -111,7 +119,8 @@ static struct envfix fix_env(char *const envp[])
 {
 	struct envfix f = { .envp = (char **)envp };
 	struct { const char *name; const char *value; } want[EXTRA - 1] = {
-		{ NK_AG_ENV_SOCKET, getenv(NK_AG_ENV_SOCKET) },
+		{ NK_AG_ENV_SOCKET, getenv(NK_AG_ENV_SOCKET) ? getenv(NK_AG_ENV_SOCKET)
+				    : saved_agent[0] ? saved_agent : NULL },
 		{ "NETKERNEL_INSTANCE", saved_instance[0] ? saved_instance
 							   : getenv("NETKERNEL_INSTANCE") },
 		{ "NETKERNEL_ROOT", saved_root[0] ? saved_root : getenv("NETKERNEL_ROOT") },

@@ -17,6 +17,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stdio.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/socket.h>
@@ -45,6 +46,8 @@ struct nk_real {
 	int (*shutdown)(int, int);
 	int (*close)(int);
 	int (*close_range)(unsigned, unsigned, int);
+	void (*closefrom)(int);
+	int (*fclose)(FILE *);
 	int (*dup)(int);
 	int (*dup2)(int, int);
 	int (*dup3)(int, int, int);
@@ -139,6 +142,7 @@ NK_HIDDEN void nk_ctl_init(void);
 NK_HIDDEN void nk_env_init(void);
 NK_HIDDEN const char *nk_self_path(void);   /* this library, absolute if known */
 NK_HIDDEN const char *nk_agent_bin(void);   /* nk-agent to spawn */
+NK_HIDDEN void nk_env_agent(const char *path); /* the agent this process now uses */
 
 /* --- helpers --------------------------------------------------------------------- */
 static inline int nk_fail(int err)

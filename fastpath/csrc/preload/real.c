@@ -27,6 +27,11 @@ static int close_range_syscall(unsigned first, unsigned last, int flags)
 	return (int)nk_real.syscall(SYS_close_range, first, last, flags);
 }
 
+static void closefrom_syscall(int low)
+{
+	close_range_syscall((unsigned)low, ~0U, 0);
+}
+
 static void *need(const char *name)
 {
 	void *f = dlsym(RTLD_NEXT, name);
@@ -45,7 +50,7 @@ static void resolve(void)
 	LOAD(ioctl); LOAD(read); LOAD(write); LOAD(readv); LOAD(writev); LOAD(send);
 	LOAD(recv); LOAD(sendto); LOAD(recvfrom); LOAD(sendmsg); LOAD(recvmsg);
 	LOAD(sendmmsg); LOAD(recvmmsg); LOAD(syscall); LOAD(execve); LOAD(execvpe);
-	LOAD(fexecve); LOAD(posix_spawn); LOAD(posix_spawnp); LOAD(fork);
+	LOAD(fexecve); LOAD(posix_spawn); LOAD(posix_spawnp); LOAD(fork); LOAD(fclose);
 	/* Newer than the oldest glibc we build on: optional. */
 	*(void **)&nk_real.fcntl64 = dlsym(RTLD_NEXT, "fcntl64");
 	if (nk_real.fcntl64 == NULL)
@@ -56,6 +61,9 @@ static void resolve(void)
 	*(void **)&nk_real.close_range = dlsym(RTLD_NEXT, "close_range");
 	if (nk_real.close_range == NULL)
 		nk_real.close_range = close_range_syscall;
+	*(void **)&nk_real.closefrom = dlsym(RTLD_NEXT, "closefrom");
+	if (nk_real.closefrom == NULL)
+		nk_real.closefrom = closefrom_syscall;
 	/* Every pointer above is stored before a caller may see ready (acquire in REAL). */
 	__atomic_store_n(&nk_real_ready, 1, __ATOMIC_RELEASE);
 }

@@ -379,21 +379,43 @@ NK_EXPORT int close(int fd)
 	return nk_close(fd);
 }
 
+/* Forget fds [first, last]: only mapped chunks can hold entries. */
+static void forget_range(unsigned first, unsigned last)
+{
+	for (unsigned fd = first; fd <= last && fd < (1u << 22); fd++) {
+		if (nk_fd_get((int)fd) == NULL) {
+			fd |= 4095; /* an unmapped chunk: skip it */
+			continue;
+		}
+		nk_ctl_lost((int)fd);
+		nk_fd_clear((int)fd);
+	}
+}
+
 NK_EXPORT int close_range(unsigned first, unsigned last, int flags)
 {
 	int r = REAL(close_range)(first, last, flags);
-	if (r == 0 && !(flags & 4 /* CLOSE_RANGE_CLOEXEC */)) {
-		/* Only fds with an entry can need clearing: walk the mapped chunks. */
-		for (unsigned fd = first; fd <= last && fd < (1u << 22); fd++) {
-			if (nk_fd_get((int)fd) == NULL) {
-				fd |= 4095; /* an unmapped chunk: skip it */
-				continue;
-			}
-			nk_ctl_lost((int)fd);
-			nk_fd_clear((int)fd);
-		}
-	}
+	if (r == 0 && !(flags & 4 /* CLOSE_RANGE_CLOEXEC */))
+		forget_range(first, last);
 	return r;
+}
+
+NK_EXPORT void closefrom(int low)
+{
+	REAL(closefrom)(low);
+	forget_range(low < 0 ? 0 : (unsigned)low, ~0U);
+}
+
+/* fclose closes its fd inside glibc, where close() is not seen: a FILE made with
+ * fdopen() on a socket would leave a stale entry for the fd's next owner. */
+NK_EXPORT int fclose(FILE *fp)
+{
+	int fd = fp != NULL ? fileno(fp) : -1;
+	if (fd >= 0) {
+		nk_ctl_lost(fd);
+		nk_fd_clear(fd);
+	}
+	return REAL(fclose)(fp);
 }
 
 int nk_dup(int fd)
