@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from netkernel.instance import status as nk_status
 from tests import programs as pg
 from tests.live import time_limit
 from tests.programs import DIRECT, Via
@@ -86,7 +87,7 @@ def assert_tenant(instance: str, program: str, sockets: int = 1) -> None:
     """PRE-1: ``program``, run under NetKernel, is an attached tenant of the instance
     holding at least ``sockets`` sockets (its listening ones)."""
     entry = pg.tenant(instance, program)
-    assert entry is not None, f"no tenant {program!r} in {pg.nk_instance.status(instance)}"
+    assert entry is not None, f"no tenant {program!r} in {nk_status(instance)['tenants']}"
     assert entry["sockets"] >= sockets, entry
 
 

@@ -88,9 +88,9 @@ def tcp(port: int, keys: int, seed: int) -> dict[str, object]:
             raise Mismatch(f"get {k!r}: {len(got.get(k, b''))} bytes, wanted {len(v)}")
     if c.get(*want) != want:
         raise Mismatch("multi-get differs")
-    if (got := c.cmd(b"set n 0 0 2", b"40")) != b"STORED" or c.cmd(b"incr n 2") != b"42" \
-            or c.cmd(b"decr n 1") != b"41":
-        raise Mismatch(f"incr/decr: {got!r}")
+    counts = [c.cmd(b"set n 0 0 2", b"40"), c.cmd(b"incr n 2"), c.cmd(b"decr n 1")]
+    if counts != [b"STORED", b"42", b"41"]:
+        raise Mismatch(f"set/incr/decr: {counts!r}")
     if c.cmd(b"delete k0") != b"DELETED" or c.get(b"k0") != {}:
         raise Mismatch("delete")
     seconds = time.monotonic() - start
