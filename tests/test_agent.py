@@ -19,6 +19,7 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -366,6 +367,30 @@ def test_close_with_unread_data_resets_the_peer(agent: Agent) -> None:
         ctl.close()
 
 
+def test_a_child_process_holds_the_socket(agent: Agent) -> None:
+    """PRE-2, PRE-6: the app end inherited by another process keeps the socket alive after
+    the parent's close; the child's writes arrive and its exit is the last close (EOF)."""
+    with time_limit(30):
+        lst = kernel_listener()
+        ctl = agent.connect()
+        app, _ = connected(ctl, lst.getsockname()[1])
+        peer, _ = lst.accept()
+        peer.settimeout(10)
+        code = "import os, socket; s = socket.socket(fileno=int(os.sys.argv[1])); " \
+               "s.sendall(b'from the child ' * 1000)"
+        child = subprocess.Popen([sys.executable, "-c", code, str(app.fileno())],
+                                 pass_fds=[app.fileno()])
+        app.close()
+        assert child.wait(10) == 0
+        data = b""
+        while chunk := peer.recv(1 << 16):
+            data += chunk
+        assert data == b"from the child " * 1000
+        peer.close()
+        lst.close()
+        ctl.close()
+
+
 def test_listen_accept_records(agent: Agent) -> None:
     """PRE-7: a listening app end delivers one 32-byte record + SCM_RIGHTS per connection
     from a plain kernel client; data flows both ways on the accepted socket."""
@@ -489,6 +514,26 @@ def test_backpressure_reaches_the_app_end(agent: Agent) -> None:
         assert w, "writable again once the peer read"
         app.close()
         peer.close()
+        lst.close()
+        ctl.close()
+
+
+def test_shutdown_of_a_listener_stops_it(agent: Agent) -> None:
+    """PRE-7, as Linux: shutdown(SHUT_WR) of a listener is a no-op, SHUT_RDWR stops it
+    listening (new connections are refused, accept reads the end)."""
+    with time_limit(30):
+        ctl = agent.connect()
+        lst, ino = ctl.socket()
+        assert ctl.call(BIND, ino, data=sockaddr_in("127.0.0.1", 0))[0] == 0
+        assert ctl.call(LISTEN, ino, args=(8, 0, 0))[0] == 0
+        port = parse_sockaddr_in(ctl.call(GETSOCKNAME, ino)[2])[1]
+        assert ctl.call(SHUTDOWN, ino, args=(socket.SHUT_WR, 0, 0))[0] == 0
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+        lst.shutdown(socket.SHUT_RDWR)  # the library's part
+        assert ctl.call(SHUTDOWN, ino, args=(socket.SHUT_RDWR, 0, 0))[0] == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert ctl.call(LOOKUP, ino)[0] == KIND_STREAM
         lst.close()
         ctl.close()
 

@@ -98,6 +98,7 @@ struct ag_sock {
 	bool acceptable;         /* EV_ACCEPTABLE: the NSM holds connections for us */
 	bool accepting;          /* an ACCEPT in flight */
 	bool accept_pending;     /* created by an ACCEPT, waiting for its reply */
+	bool throttled;          /* listener: backlog records wait for the app (EPOLLOUT|ET) */
 	int so_error;            /* SO_ERROR, taken and cleared by GETSOCKOPT */
 	uint32_t filler;         /* bytes of the app end's filler left to discard (PRE-5) */
 	uint32_t sends;          /* SENDs in flight */

@@ -132,6 +132,10 @@ void ag_reply_call(struct ag *a, struct ag_call *c, int64_t result)
 				ag_sock_discard(a, s);
 		}
 		break;
+	case NK_OP_SHUTDOWN:
+		if (s && s->listening && result == 0)
+			s->listening = false; /* accept() now fails with EINVAL (the app end is shut) */
+		break;
 	case NK_OP_CONNECT:
 		if (s && s->stream && result == 0)
 			s->connected = true; /* a second attempt, answered synchronously */
@@ -294,8 +298,14 @@ static void do_shutdown(struct ag *a, struct ag_pend *p, struct ag_sock *s, int 
 {
 	if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)
 		return ag_pend_done(a, p, -EINVAL);
+	if (s->listening) { /* Linux: SHUT_WR is a no-op, a read shutdown stops listening */
+		if (how == SHUT_WR)
+			return ag_pend_done(a, p, 0);
+		s->acceptable = false;
+		return nqe_call(a, p, s, NK_OP_SHUTDOWN, (uint64_t)how, NULL, 0, 0, how);
+	}
 	if (s->stream && !s->connected)
-		return ag_pend_done(a, p, s->listening && how != SHUT_WR ? 0 : -ENOTCONN);
+		return ag_pend_done(a, p, -ENOTCONN);
 	if (!s->stream || how == SHUT_RD)
 		return nqe_call(a, p, s, NK_OP_SHUTDOWN, (uint64_t)how, NULL, 0, 0, how);
 	if (s->shut_pend || (s->wr_shut && how == SHUT_WR))

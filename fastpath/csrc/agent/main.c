@@ -423,7 +423,9 @@ static bool round_once(struct ag *a, bool busy)
 	if (!busy && n == 0 && !a->pump) {
 		sleeping = true;
 		if (ag_rings_prepare_sleep(a))
-			timeout = a->job.len || a->send.len ? AG_BUSY_SLEEP_MS : AG_TICK_MS;
+			timeout = a->job.len || a->send.len ? AG_BUSY_SLEEP_MS
+				  : a->watch || a->throttled_listener || a->starved ? AG_TICK_MS
+										     : AG_SLEEP_MS;
 	}
 	struct epoll_event evs[64];
 	int k = epoll_wait(a->epfd, evs, 64, timeout);

@@ -245,6 +245,10 @@ void ag_sock_update(struct ag *a, struct ag_sock *s)
 		ev |= EPOLLIN;
 	if (s->rx_len && s->out_blocked)
 		ev |= EPOLLOUT;
+	/* a listener whose records fill the backlog: the app's recvmsg frees one and the
+	 * kernel calls our write_space, an edge on EPOLLOUT (PRE-7) */
+	if (s->listening && s->throttled)
+		ev |= EPOLLOUT | EPOLLET;
 	if (ev == s->events)
 		return;
 	struct epoll_event e = { .events = ev, .data.ptr = s };
@@ -620,8 +624,14 @@ void ag_sock_accept_more(struct ag *a, struct ag_sock *l)
 	    l->close_sent || l->fd < 0 || a->ce_dead)
 		return;
 	if (records_waiting(l) >= (uint32_t)l->backlog) {
-		a->throttled_listener = true; /* the tick looks again */
+		l->throttled = true;
+		a->throttled_listener = true; /* and the tick looks again */
+		ag_sock_update(a, l);
 		return;
+	}
+	if (l->throttled) {
+		l->throttled = false;
+		ag_sock_update(a, l);
 	}
 	struct ag_sock *n = ag_sock_new(a);
 	if (!n)
@@ -841,6 +851,8 @@ void ag_sock_ready(struct ag *a, struct ag_sock *s, uint32_t events)
 	}
 	if (events & EPOLLOUT)
 		s->out_blocked = false;
+	if ((events & EPOLLOUT) && s->listening)
+		ag_sock_accept_more(a, s);
 	ag_sock_pump(a, s);
 }
 
