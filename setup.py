@@ -24,8 +24,7 @@ class BuildExtAndTools(build_ext):
     def run(self) -> None:
         super().run()
         out = Path(self.get_ext_fullpath("netkernel.fastpath._nk")).parent
-        if (Path(__file__).parent / "fastpath/csrc/agent").is_dir():  # TEMP until merge
-            _build_module().build_tools(out.resolve())
+        _build_module().build_tools(out.resolve())
 
 
 setup(cffi_modules=["fastpath/build.py:ffibuilder"], cmdclass={"build_ext": BuildExtAndTools})

@@ -94,13 +94,18 @@ def build_tools(out: Path, sanitize: bool = False) -> tuple[Path, Path]:
 
     cc = _compiler()
     out.mkdir(parents=True, exist_ok=True)
-    flags = [*CFLAGS, f"-I{CSRC / 'include'}", *(SANITIZE if sanitize else [])]
+    flags = [*CFLAGS, f"-I{CSRC / 'include'}"]
+    # With ``sanitize``: the agent (a program of its own) gets ASan + UBSan; the library
+    # UBSan only, because ASan's runtime must come first in a process and the library is
+    # preloaded into programs built without it.
+    lib_san = ["-fsanitize=undefined", "-fno-sanitize-recover=undefined"] if sanitize else []
+    agent_san = SANITIZE if sanitize else []
     agent_srcs = sorted((CSRC / "agent").glob("*.c")) + [CSRC / c for c in _AGENT_CORE]
     lib, agent = out / PRELOAD, out / AGENT
     for argv in (
-        [cc, *flags, "-fPIC", "-shared", "-o", str(lib),
+        [cc, *flags, *lib_san, "-fPIC", "-shared", "-o", str(lib),
          *map(str, sorted((CSRC / "preload").glob("*.c"))), "-ldl", "-lpthread"],
-        [cc, *flags, "-o", str(agent), *map(str, agent_srcs), "-lpthread"],
+        [cc, *flags, *agent_san, "-o", str(agent), *map(str, agent_srcs), "-lpthread"],
     ):
         try:
             subprocess.run(argv, check=True, capture_output=True, text=True)

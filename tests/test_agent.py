@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pytest
 
+from netkernel.fastpath import preload
 from tests.live import own_instance, time_limit
 
 CSRC = Path(__file__).resolve().parent.parent / "fastpath" / "csrc"
-AGENT = Path(os.environ.get("NK_AGENT_BIN", CSRC / "build" / "nk-agent"))
 
 # struct nk_ag_req { u32 op, len; u64 ino; i64 arg[3]; u8 data[256]; }
 REQ = struct.Struct("<IIQqqq256s")
@@ -61,8 +61,8 @@ def parse_sockaddr_in(raw: bytes) -> tuple[str, int]:
 
 @pytest.fixture(scope="module")
 def agent_bin() -> Path:
-    subprocess.run(["make", "-s", "-C", str(CSRC), "agent"], check=True, timeout=120)
-    return AGENT
+    """The installed agent (pip builds it), or NETKERNEL_AGENT_BIN's (a sanitizer build)."""
+    return preload.paths().agent
 
 
 class Agent:

@@ -33,27 +33,25 @@ from pathlib import Path
 
 import pytest
 
+from netkernel.fastpath import preload
 from tests.live import echo_server, own_instance, status, time_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "fastpath" / "csrc"
-# NETKERNEL_PRELOAD / NETKERNEL_AGENT_BIN: another build (a sanitizer one) than make's.
-LIB = Path(os.environ.get("NETKERNEL_PRELOAD") or CSRC / "build" / "libnkpreload.so")
-AGENT = Path(os.environ.get("NETKERNEL_AGENT_BIN") or CSRC / "build" / "nk-agent")
+# The installed library and agent (pip builds them), or NETKERNEL_PRELOAD's and
+# NETKERNEL_AGENT_BIN's (a sanitizer build).
+LIB, AGENT = preload.paths().lib, preload.paths().agent
 SCENARIOS = ROOT / "tests" / "preload" / "scenarios.py"
 NKCALLS = ROOT / "tests" / "preload" / "nkcalls.c"
 RUN_TIMEOUT = 60.0
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None or shutil.which("make") is None,
-                                reason="needs a C compiler and make")
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 
 
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The library, the agent, and nkcalls built dynamic (with _FORTIFY_SOURCE, so
     the _chk variants are called) and, if libc.a is there, static."""
-    subprocess.run(["make", "-s", "-C", str(CSRC), "agent", "preload"], check=True,
-                   timeout=300)
     out = tmp_path_factory.mktemp("preload")
     built = {"dynamic": out / "nkcalls", "static": out / "nkcalls-static"}
     subprocess.run(["cc", "-O2", "-D_FORTIFY_SOURCE=2", "-Wall", "-Wextra", "-Werror", "-o",

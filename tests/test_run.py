@@ -48,7 +48,8 @@ def test_what_is_not_an_elf_executable_is_not_static(tmp_path: Path) -> None:
     assert not run.static_binary(tmp_path / "missing")
 
 
-def test_the_environment_preloads_the_library_once_after_others_and_names_the_agent(tmp_path: Path) -> None:
+def test_the_environment_preloads_the_library_once_after_others_and_names_the_agent(
+        tmp_path: Path) -> None:
     paths = preload.Paths(lib=tmp_path / "libnkpreload.so", agent=tmp_path / "nk-agent")
 
     class FakeAgent:  # only the socket path is read

@@ -218,8 +218,8 @@ static int spawn_agent(char *path, size_t size)
 	const char *bin = nk_agent_bin();
 	if (bin == NULL)
 		return -ENETDOWN;
-	const char *root = getenv("NETKERNEL_ROOT");
-	const char *inst = getenv("NETKERNEL_INSTANCE");
+	const char *root = nk_env("NETKERNEL_ROOT");
+	const char *inst = nk_env("NETKERNEL_INSTANCE");
 	int n = snprintf(path, size, "%s/%s/agent-%d-%u.sock", root && *root ? root : DEFAULT_ROOT,
 			 inst && *inst ? inst : DEFAULT_INSTANCE, (int)getpid(), spawned);
 	if (n < 0 || (size_t)n >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
@@ -285,8 +285,8 @@ static int ensure(bool spawn)
 {
 	if (still_ours())
 		return 0;
-	const char *path = getenv(NK_AG_ENV_SOCKET);
-	int r = path && *path ? connect_path(path) : -ENOENT;
+	const char *path = nk_env(NK_AG_ENV_SOCKET);
+	int r = path ? connect_path(path) : -ENOENT;
 	if (r == 0 || !spawn)
 		return r;
 	char fresh[PATH_MAX];

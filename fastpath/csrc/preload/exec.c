@@ -33,6 +33,20 @@ static char saved_instance[256];
 static char saved_root[PATH_MAX];
 static char saved_agent[PATH_MAX];  /* NETKERNEL_AGENT, even if the program unsets it */
 
+/* NETKERNEL_AGENT, _INSTANCE or _ROOT: the environment's, else the value it had when
+ * the library loaded. A program may clear its environment (nginx's workers keep only
+ * what `env` directives name) and still use the sockets it inherited (PRE-2). */
+const char *nk_env(const char *name)
+{
+	const char *live = getenv(name);
+	if (live != NULL && *live)
+		return live;
+	const char *saved = strcmp(name, NK_AG_ENV_SOCKET) == 0 ? saved_agent
+			    : strcmp(name, "NETKERNEL_INSTANCE") == 0 ? saved_instance
+			    : strcmp(name, "NETKERNEL_ROOT") == 0 ? saved_root : "";
+	return *saved ? saved : NULL;
+}
+
 void nk_env_agent(const char *path)
 {
 	keep(saved_agent, sizeof saved_agent, path);
@@ -119,11 +133,9 @@ static struct envfix fix_env(char *const envp[])
 {
 	struct envfix f = { .envp = (char **)envp };
 	struct { const char *name; const char *value; } want[EXTRA - 1] = {
-		{ NK_AG_ENV_SOCKET, getenv(NK_AG_ENV_SOCKET) ? getenv(NK_AG_ENV_SOCKET)
-				    : saved_agent[0] ? saved_agent : NULL },
-		{ "NETKERNEL_INSTANCE", saved_instance[0] ? saved_instance
-							   : getenv("NETKERNEL_INSTANCE") },
-		{ "NETKERNEL_ROOT", saved_root[0] ? saved_root : getenv("NETKERNEL_ROOT") },
+		{ NK_AG_ENV_SOCKET, nk_env(NK_AG_ENV_SOCKET) },
+		{ "NETKERNEL_INSTANCE", nk_env("NETKERNEL_INSTANCE") },
+		{ "NETKERNEL_ROOT", nk_env("NETKERNEL_ROOT") },
 		{ NK_AG_ENV_LIB, nk_self_path() },
 		{ NK_AG_ENV_BIN, nk_agent_bin() },
 	};

@@ -150,7 +150,7 @@ uint32_t nk_fd_kind(int fd)
  * ask the agent about every inherited socket that may be an app end (PRE-2). */
 void nk_fd_rebuild(void)
 {
-	if (getenv(NK_AG_ENV_SOCKET) == NULL)
+	if (nk_env(NK_AG_ENV_SOCKET) == NULL)
 		return;
 	DIR *d = opendir("/proc/self/fd");
 	if (d == NULL)

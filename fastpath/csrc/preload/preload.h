@@ -143,6 +143,7 @@ NK_HIDDEN void nk_env_init(void);
 NK_HIDDEN const char *nk_self_path(void);   /* this library, absolute if known */
 NK_HIDDEN const char *nk_agent_bin(void);   /* nk-agent to spawn */
 NK_HIDDEN void nk_env_agent(const char *path); /* the agent this process now uses */
+NK_HIDDEN const char *nk_env(const char *name);  /* NETKERNEL_AGENT/_INSTANCE/_ROOT, kept */
 
 /* --- helpers --------------------------------------------------------------------- */
 static inline int nk_fail(int err)
