@@ -518,6 +518,38 @@ def test_backpressure_reaches_the_app_end(agent: Agent) -> None:
         ctl.close()
 
 
+def test_control_calls_get_buffers_while_data_fills_the_send_half(agent: Agent) -> None:
+    """BUF-7: data that fills the send half waits; a control call still gets a buffer (the
+    agent keeps a reserve), as iperf3's TCP_INFO in the middle of its transfer needs."""
+    with time_limit(60):
+        lst = kernel_listener()
+        ctl = agent.connect()
+        pairs = []
+        for _ in range(6):  # 6 x 64 SENDs in flight could hold far more than the send half
+            app, ino = connected(ctl, lst.getsockname()[1])
+            pairs.append((app, ino, lst.accept()[0]))
+            app.setblocking(False)
+        block = os.urandom(1 << 16)
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 1.0:
+            for app, _, _ in pairs:
+                try:
+                    app.send(block)
+                    quiet_since = time.monotonic()
+                except BlockingIOError:
+                    pass
+            time.sleep(0.001)
+        for _, ino, _ in pairs:
+            result, _, value, _ = ctl.call(GETSOCKOPT, ino, args=(socket.SOL_SOCKET,
+                                                                  socket.SO_RCVBUF, 4))
+            assert result == 4 and int.from_bytes(value[:4], "little") > 0, result
+        for app, _, peer in pairs:
+            app.close()
+            peer.close()
+        lst.close()
+        ctl.close()
+
+
 def test_shutdown_of_a_listener_stops_it(agent: Agent) -> None:
     """PRE-7, as Linux: shutdown(SHUT_WR) of a listener is a no-op, SHUT_RDWR stops it
     listening (new connections are refused, accept reads the end)."""

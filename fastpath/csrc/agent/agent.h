@@ -185,6 +185,7 @@ int64_t ag_now_ns(void);
 int ag_dev_init(struct ag *a, void *base, uint64_t len);
 int ag_call_new(struct ag *a, uint8_t op, uint32_t sock_id, bool data);
 void ag_call_free(struct ag *a, uint32_t tag);
+int ag_data_alloc(struct ag *a, uint64_t size, uint64_t *off);
 int ag_call_buffer(struct ag *a, uint32_t tag, const void *in, uint32_t in_len, uint32_t room);
 int ag_publish(struct ag *a, uint32_t tag, uint64_t op_data);
 void ag_buf_return(struct ag *a, uint64_t off, uint32_t size);

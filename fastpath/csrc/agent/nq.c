@@ -98,6 +98,20 @@ uint32_t ag_calls_in_flight(const struct ag *a)
 	return a->ncalls - a->nfree;
 }
 
+/* A send-half buffer for data (a SEND's payload): as nk_bufpool_alloc, but it leaves one
+ * granule per call slot of AG_CALL_HEADROOM to control calls, so a bulk transfer that
+ * fills the send half never makes a getsockopt fail with ENOBUFS (BUF-7: data waits). */
+int ag_data_alloc(struct ag *a, uint64_t size, uint64_t *off)
+{
+	uint64_t reserve = (uint64_t)AG_CALL_HEADROOM * nk_bufpool_granule(a->pool);
+#ifdef NK_BROKEN_NO_RESERVE
+	reserve = 0; /* tests/test_agent.py: the backpressure test must catch this */
+#endif
+	if (nk_bufpool_free_bytes(a->pool) < size + reserve)
+		return -ENOSPC;
+	return nk_bufpool_alloc(a->pool, size, off);
+}
+
 /* Lend the call a send-half buffer holding `in` or room for `room` bytes (BUF-3). */
 int ag_call_buffer(struct ag *a, uint32_t tag, const void *in, uint32_t in_len, uint32_t room)
 {

@@ -324,7 +324,7 @@ static bool read_stream(struct ag *a, struct ag_sock *s)
 		avail = 1; /* nothing, or EOF: recv says which */
 	uint32_t want = (uint32_t)avail < AG_CHUNK_MAX ? (uint32_t)avail : AG_CHUNK_MAX;
 	uint64_t off;
-	if (nk_bufpool_alloc(a->pool, want, &off) < 0) {
+	if (ag_data_alloc(a, want, &off) < 0) {
 		starve(a, s); /* BUF-7: stop reading, never drop */
 		return false;
 	}
@@ -380,7 +380,7 @@ static bool read_dgram(struct ag *a, struct ag_sock *s)
 	uint32_t payload = (uint32_t)total - sizeof(h);
 	uint32_t size = h.addrlen + payload;
 	uint64_t off = 0;
-	if (size && nk_bufpool_alloc(a->pool, size, &off) < 0) {
+	if (size && ag_data_alloc(a, size, &off) < 0) {
 		starve(a, s);
 		return false;
 	}

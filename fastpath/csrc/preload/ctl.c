@@ -58,13 +58,21 @@ static bool fd_is_ctl(void)
 	return ctl_fd >= 0 && fstat(ctl_fd, &st) == 0 && st.st_ino == ctl_ino;
 }
 
+static int ensure(bool spawn);
+
 void nk_ctl_atfork_child(void)
 {
 	/* The parent's lock state and connection are the parent's. */
 	pthread_mutex_init(&mu, NULL);
+	bool used = ctl_fd >= 0;
 	if (fd_is_ctl())
 		REAL(close)(ctl_fd);
 	ctl_fd = -1;
+	/* A child of a process that uses NetKernel connects now, while it has its parent's
+	 * credentials: a server's workers drop privileges before their first socket call
+	 * (nginx's switch to `nobody`), and could not reach the agent's socket then (PRE-2). */
+	if (used)
+		ensure(false);
 }
 
 void nk_ctl_init(void)
