@@ -15,6 +15,7 @@
 #include "nk/bufpool.h"
 #include "nk/device.h"
 #include "nk/nqe.h"
+#include "nk/outbox.h"
 #include "nk/ring.h"
 
 #define QSET 0             /* every NQE on queue set 0: SENDs stay ordered (NQE-16) */
@@ -50,18 +51,12 @@ struct call {
 	uint32_t size;
 };
 
-struct outbox {
-	struct nk_ring ring;
-	struct nk_nqe *q;  /* NQEs waiting for room, FIFO */
-	uint32_t head, len, cap;
-};
-
 struct nk_tenant {
 	char *base, *data;
 	uint64_t len;
 	struct nk_geometry geo;
 	struct nk_ring completion, receive;
-	struct outbox job, send;
+	struct nk_outbox job, send;
 	uint32_t *device_bell, *engine_bell;
 	struct nk_bufpool *pool;
 	struct call *calls;
@@ -154,49 +149,13 @@ static int rx_push(struct sock *s, uint64_t off, uint32_t size, uint32_t pos)
 
 /* ---- submission ----------------------------------------------------------------- */
 
-static int outbox_add(struct outbox *b, const struct nk_nqe *n)
+/* Publish what waits in the outbox (nk/outbox.h). Never blocks. */
+static int outbox_flush(struct nk_tenant *t, struct nk_outbox *b)
 {
-	if (b->len == b->cap) {
-		uint32_t cap = b->cap ? b->cap * 2 : 64;
-		struct nk_nqe *q = malloc(cap * sizeof(*q));
-		if (!q)
-			return -ENOMEM;
-		for (uint32_t i = 0; i < b->len; i++)
-			q[i] = b->q[(b->head + i) % b->cap];
-		free(b->q);
-		b->q = q;
-		b->head = 0;
-		b->cap = cap;
-	}
-	b->q[(b->head + b->len) % b->cap] = *n;
-	b->len++;
-	return 0;
-}
-
-/* Publish what waits in the outbox, in order; ring the ENGINE bell if the
- * CoreEngine's consumer sleeps (RING-6). Never blocks. */
-static int outbox_flush(struct nk_tenant *t, struct outbox *b)
-{
-	bool pushed = false;
-	while (b->len) {
-		uint32_t run = b->cap - b->head; /* contiguous part of the FIFO */
-		if (run > b->len)
-			run = b->len;
-		int64_t n = nk_ring_push(&b->ring, &b->q[b->head], run);
-		if (n < 0)
-			return (int)n; /* RING-10 */
-		if (n == 0)
-			break;
-		pushed = true;
-		t->st.requests += (uint64_t)n;
-		b->head = (b->head + (uint32_t)n) % b->cap;
-		b->len -= (uint32_t)n;
-	}
-	/* consumer_sleeping's seq_cst fence orders our tail store before its flags load */
-	if (pushed && nk_ring_consumer_sleeping(&b->ring)) {
-		nk_bell_ring(t->engine_bell);
-		t->st.bells++;
-	}
+	int64_t n = nk_outbox_flush(b, t->engine_bell, &t->st.bells);
+	if (n < 0)
+		return (int)n; /* RING-10 */
+	t->st.requests += (uint64_t)n;
 	return 0;
 }
 
@@ -210,7 +169,7 @@ static void buf_return(struct nk_tenant *t, uint64_t off, uint32_t size)
 {
 	struct nk_nqe n = { .op = NK_OP_BUF_RETURN, .qset = QSET, .data_ptr = off, .size = size };
 	t->st.buf_returns++;
-	if (outbox_add(&t->send, &n) < 0)
+	if (nk_outbox_add(&t->send, &n) < 0)
 		t->dead = ENOMEM; /* cannot give the buffer back: the device is unusable */
 }
 
@@ -237,18 +196,18 @@ static void call_free(struct nk_tenant *t, uint32_t tag)
 
 /* Queue call `tag`'s request in the outbox of its ring (DEV-8); published at the
  * next flush. */
-static int queue_call(struct nk_tenant *t, uint32_t tag, uint64_t op_data, struct outbox **box)
+static int queue_call(struct nk_tenant *t, uint32_t tag, uint64_t op_data, struct nk_outbox **box)
 {
 	struct call *c = &t->calls[tag];
 	struct nk_nqe n = { .op = c->op, .qset = QSET, .sock_id = c->sock_id, .op_data = op_data,
 			    .data_ptr = c->size ? c->buf : 0, .size = c->size, .tag = (uint16_t)tag };
 	*box = c->op == NK_OP_SEND ? &t->send : &t->job;
-	return outbox_add(*box, &n);
+	return nk_outbox_add(*box, &n);
 }
 
 static int publish(struct nk_tenant *t, uint32_t tag, uint64_t op_data)
 {
-	struct outbox *b;
+	struct nk_outbox *b;
 	int rc = queue_call(t, tag, op_data, &b);
 	return rc < 0 ? rc : outbox_flush(t, b);
 }
@@ -569,8 +528,8 @@ int nk_tenant_exit(struct nk_tenant *t, int64_t timeout_ns)
 	for (uint32_t i = 0; i < t->nsocks; i++)
 		free(t->socks[i].rx);
 	free(t->socks);
-	free(t->job.q);
-	free(t->send.q);
+	nk_outbox_free(&t->job);
+	nk_outbox_free(&t->send);
 	free(t->calls);
 	free(t->free_tags);
 	nk_bufpool_delete(t->pool);
@@ -755,7 +714,7 @@ ssize_t nk_tenant_send(struct nk_tenant *t, int s, const void *buf, size_t len, 
 		c->buf = off;
 		c->size = (uint32_t)chunk;
 		k->sends++;
-		struct outbox *b;
+		struct nk_outbox *b;
 		if ((rc = queue_call(t, (uint32_t)tag, wire_flags, &b)) < 0)
 			return done ? (ssize_t)done : rc;
 		done += chunk;

@@ -24,6 +24,7 @@
 #include "nk/bufpool.h"
 #include "nk/device.h"
 #include "nk/nqe.h"
+#include "nk/outbox.h"
 #include "nk/ring.h"
 
 #define AG_QSET 0              /* every NQE on queue set 0: SENDs stay ordered (NQE-16) */
@@ -129,19 +130,13 @@ struct ag_call {
 	int aux;                 /* SHUTDOWN: how; ACCEPT: the new socket's ID */
 };
 
-struct ag_outbox {
-	struct nk_ring ring;
-	struct nk_nqe *q;
-	uint32_t head, len, cap;
-};
-
 struct ag {
 	/* the device */
 	char *base, *data;
 	uint64_t len;
 	struct nk_geometry geo;
 	struct nk_ring completion, receive;
-	struct ag_outbox job, send;
+	struct nk_outbox job, send;
 	uint32_t *device_bell, *engine_bell;
 	struct nk_bufpool *pool;
 	struct ag_call *calls;

@@ -131,47 +131,11 @@ int ag_call_buffer(struct ag *a, uint32_t tag, const void *in, uint32_t in_len, 
 
 /* ---- submission ---------------------------------------------------------------------- */
 
-static int outbox_add(struct ag_outbox *b, const struct nk_nqe *n)
+/* Publish the outbox in order (nk/outbox.h); ring the ENGINE bell if its consumer sleeps. */
+static int outbox_flush(struct ag *a, struct nk_outbox *b)
 {
-	if (b->len == b->cap) {
-		uint32_t cap = b->cap ? b->cap * 2 : 64;
-		struct nk_nqe *q = malloc(cap * sizeof(*q));
-		if (!q)
-			return -ENOMEM;
-		for (uint32_t i = 0; i < b->len; i++)
-			q[i] = b->q[(b->head + i) % b->cap];
-		free(b->q);
-		b->q = q;
-		b->head = 0;
-		b->cap = cap;
-	}
-	b->q[(b->head + b->len) % b->cap] = *n;
-	b->len++;
-	return 0;
-}
-
-/* Publish the outbox in order; ring the ENGINE bell if its consumer sleeps (RING-6). */
-static int outbox_flush(struct ag *a, struct ag_outbox *b)
-{
-	bool pushed = false;
-	while (b->len) {
-		uint32_t run = b->cap - b->head;
-		if (run > b->len)
-			run = b->len;
-		int64_t n = nk_ring_push(&b->ring, &b->q[b->head], run);
-		if (n < 0)
-			return (int)n; /* RING-10 */
-		if (n == 0)
-			break;
-		pushed = true;
-		b->head = (b->head + (uint32_t)n) % b->cap;
-		b->len -= (uint32_t)n;
-	}
-	if (pushed && nk_ring_consumer_sleeping(&b->ring)) {
-		nk_bell_ring(a->engine_bell);
-		a->n_bells++;
-	}
-	return 0;
+	int64_t n = nk_outbox_flush(b, a->engine_bell, &a->n_bells);
+	return n < 0 ? (int)n : 0; /* RING-10 */
 }
 
 int ag_flush(struct ag *a)
@@ -192,7 +156,7 @@ int ag_publish(struct ag *a, uint32_t tag, uint64_t op_data)
 			    .size = c->size, .tag = (uint16_t)tag };
 	if (c->op == NK_OP_SEND)
 		a->n_sends++;
-	return outbox_add(c->op == NK_OP_SEND ? &a->send : &a->job, &n);
+	return nk_outbox_add(c->op == NK_OP_SEND ? &a->send : &a->job, &n);
 }
 
 /* BUF-4: an EV_DATA span goes back exactly as it came, once. */
@@ -201,7 +165,7 @@ void ag_buf_return(struct ag *a, uint64_t off, uint32_t size)
 	if (a->ce_dead)
 		return; /* the area is gone with the CoreEngine */
 	struct nk_nqe n = { .op = NK_OP_BUF_RETURN, .qset = AG_QSET, .data_ptr = off, .size = size };
-	outbox_add(&a->send, &n);
+	nk_outbox_add(&a->send, &n);
 }
 
 /* ---- the dispatcher ------------------------------------------------------------------ */
