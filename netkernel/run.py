@@ -195,24 +195,61 @@ def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = "kernel",
         agent = Agent(paths.agent, name, Path(cmd[0]).name[:64])
         try:
             env = environment(dict(os.environ), name, agent, paths)
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command's to handle
-            try:
-                proc = subprocess.Popen(list(cmd), env=env,
-                                        restore_signals=True, preexec_fn=_default_sigint)
-                status = proc.wait()
-            finally:
-                signal.signal(signal.SIGINT, previous)
+            status, told_to_stop = _run_command(cmd, env)
             agent.release()
-            if embedded:  # the instance must outlive whatever the command left running
-                agent.wait()
+            if embedded and not told_to_stop:
+                # The instance must outlive whatever the command left running; SIGTERM
+                # now ends the wait (and everything) through the handler's SystemExit.
+                with _signals_exit():
+                    agent.wait()
         except BaseException:
             agent.stop()
             raise
     return 128 - status if status < 0 else status
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+#: Signals `run` passes on to the command instead of dying of them (so that an embedded
+#: instance is always stopped): SIGINT is the terminal's and reaches the command anyway.
+_FORWARDED: Final = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _run_command(cmd: Sequence[str], env: dict[str, str]) -> tuple[int, bool]:
+    """Run the command to its end: its status, and whether we were asked to stop."""
+    told: list[int] = []
+    proc: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        told.append(signum)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in _FORWARDED}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command's
+    try:
+        proc = subprocess.Popen(list(cmd), env=env, restore_signals=True,
+                                preexec_fn=_default_signals)
+        return proc.wait(), bool(told)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_exit() -> Iterator[None]:
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, leave) for sig in _FORWARDED}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, *_FORWARDED):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def cli_main(argv_cmd: Sequence[str], *, instance: str | None, nsm: str, impl: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,4 +96,22 @@ s.sendall(b"hello"); print(s.recv(5).decode())
     proc = _cli("--", sys.executable, "-c", code, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "HELLO"
+    assert not root.exists() or not any(root.iterdir()), list(root.rglob("*"))
+
+
+def test_sigterm_reaches_the_command_and_the_embedded_instance_is_stopped(
+        tmp_path: Path) -> None:
+    """`run` passes SIGTERM on to the command, returns 128 + 15 as a shell would, and
+    stops its embedded instance: nothing of it stays behind (PRE-1)."""
+    root = tmp_path / "root"
+    env = dict(os.environ, NETKERNEL_ROOT=str(root))
+    env.pop("NETKERNEL_INSTANCE", None)
+    env.pop(preload.SOCKET_ENV, None)
+    code = "import socket, sys, time; s = socket.socket(); print('up', flush=True); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-m", "netkernel", "run", "--", sys.executable,
+                             "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "up"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(TIMEOUT) == 128 + signal.SIGTERM
     assert not root.exists() or not any(root.iterdir()), list(root.rglob("*"))
