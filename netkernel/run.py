@@ -118,8 +118,13 @@ class Agent:
                 "--ready-fd", str(ready_w), "--hold-fd", str(self._hold_r), "--name", label]
         # Its own session: Ctrl-C at the terminal is the command's, and the agent stays
         # to deliver what the command sent before it died (GL-10).
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     pass_fds=(ready_w, self._hold_r), start_new_session=True)
+        # Its messages go to a log beside its socket, never to a pipe: the agent outlives
+        # `run` with an instance that was already running, and a full pipe would stall it.
+        self.log = self.socket.with_suffix(".log")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         pass_fds=(ready_w, self._hold_r),
+                                         start_new_session=True)
         os.close(ready_w)
         os.close(self._hold_r)
         try:
@@ -137,11 +142,12 @@ class Agent:
         if ready and os.read(fd, 1):
             return
         try:
-            _, err = self.proc.communicate(timeout=AGENT_START_TIMEOUT)
+            self.proc.wait(timeout=AGENT_START_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
-        why = err.decode(errors="replace").strip() or f"exit status {self.proc.returncode}"
+            self.proc.wait()
+        why = self.log.read_text(errors="replace").strip() or (
+            f"exit status {self.proc.returncode}")
         raise RunError(f"nk-agent did not start: {why}")
 
     def release(self) -> None:
@@ -151,6 +157,13 @@ class Agent:
 
     def wait(self) -> None:
         self.proc.wait()
+        self._forget_log()
+
+    def _forget_log(self) -> None:
+        """An agent that ended with nothing to say leaves no log behind."""
+        with contextlib.suppress(OSError):
+            if self.log.stat().st_size == 0:
+                self.log.unlink()
 
     def stop(self) -> None:
         self.release()
@@ -161,6 +174,7 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._forget_log()
 
 
 def environment(base: dict[str, str], name: str, agent: Agent,
