@@ -16,6 +16,7 @@
 #include "nk/device.h"
 #include "nk/nqe.h"
 #include "nk/outbox.h"
+#include "nk/tqueue.h"
 #include "nk/ring.h"
 
 #define QSET 0             /* every NQE on queue set 0: SENDs stay ordered (NQE-16) */
@@ -52,12 +53,7 @@ struct call {
 };
 
 struct nk_tenant {
-	char *base, *data;
-	uint64_t len;
-	struct nk_geometry geo;
-	struct nk_ring completion, receive;
-	struct nk_outbox job, send;
-	uint32_t *device_bell, *engine_bell;
+	struct nk_tqueue q; /* queue set QSET of the device */
 	struct nk_bufpool *pool;
 	struct call *calls;
 	uint32_t ncalls, *free_tags, nfree;
@@ -152,7 +148,7 @@ static int rx_push(struct sock *s, uint64_t off, uint32_t size, uint32_t pos)
 /* Publish what waits in the outbox (nk/outbox.h). Never blocks. */
 static int outbox_flush(struct nk_tenant *t, struct nk_outbox *b)
 {
-	int64_t n = nk_outbox_flush(b, t->engine_bell, &t->st.bells);
+	int64_t n = nk_outbox_flush(b, t->q.engine_bell, &t->st.bells);
 	if (n < 0)
 		return (int)n; /* RING-10 */
 	t->st.requests += (uint64_t)n;
@@ -161,15 +157,15 @@ static int outbox_flush(struct nk_tenant *t, struct nk_outbox *b)
 
 static int flush_all(struct nk_tenant *t)
 {
-	int rc = outbox_flush(t, &t->job);
-	return rc < 0 ? rc : outbox_flush(t, &t->send);
+	int rc = outbox_flush(t, &t->q.job);
+	return rc < 0 ? rc : outbox_flush(t, &t->q.send);
 }
 
 static void buf_return(struct nk_tenant *t, uint64_t off, uint32_t size)
 {
 	struct nk_nqe n = { .op = NK_OP_BUF_RETURN, .qset = QSET, .data_ptr = off, .size = size };
 	t->st.buf_returns++;
-	if (nk_outbox_add(&t->send, &n) < 0)
+	if (nk_outbox_add(&t->q.send, &n) < 0)
 		t->dead = ENOMEM; /* cannot give the buffer back: the device is unusable */
 }
 
@@ -201,7 +197,7 @@ static int queue_call(struct nk_tenant *t, uint32_t tag, uint64_t op_data, struc
 	struct call *c = &t->calls[tag];
 	struct nk_nqe n = { .op = c->op, .qset = QSET, .sock_id = c->sock_id, .op_data = op_data,
 			    .data_ptr = c->size ? c->buf : 0, .size = c->size, .tag = (uint16_t)tag };
-	*box = c->op == NK_OP_SEND ? &t->send : &t->job;
+	*box = c->op == NK_OP_SEND ? &t->q.send : &t->q.job;
 	return nk_outbox_add(*box, &n);
 }
 
@@ -306,7 +302,7 @@ int nk_tenant_poll(struct nk_tenant *t)
 {
 	struct nk_nqe batch[POLL_BATCH];
 	int total = 0;
-	struct nk_ring *rings[2] = { &t->completion, &t->receive };
+	struct nk_ring *rings[2] = { &t->q.completion, &t->q.receive };
 	for (int r = 0; r < 2; r++) {
 		int64_t n = nk_ring_pop(rings[r], batch, POLL_BATCH);
 		if (n < 0) {
@@ -325,7 +321,7 @@ int nk_tenant_poll(struct nk_tenant *t)
 /* GL-9: engine.sock's EOF or a DETACHED header is the CoreEngine's end. */
 static void check_alive(struct nk_tenant *t)
 {
-	const struct nk_dev_header *h = (const struct nk_dev_header *)t->base;
+	const struct nk_dev_header *h = (const struct nk_dev_header *)t->q.base;
 	if (__atomic_load_n(&h->state, __ATOMIC_ACQUIRE) == NK_STATE_DETACHED)
 		t->dead = ECONNRESET;
 	if (t->control_fd >= 0) {
@@ -347,18 +343,18 @@ enum { WAKE_COMPLETION = 1, WAKE_RECEIVE = 2, WAKE_ANY = 3 };
 static void sleep_on_bell(struct nk_tenant *t, unsigned wake, int64_t timeout_ns)
 {
 	/* RING-6: read the bell before the re-check; a push after it changes the word */
-	uint32_t v = nk_bell_value(t->device_bell);
-	if ((!(wake & WAKE_COMPLETION) || nk_ring_prepare_sleep(&t->completion) == 1) &&
-	    (!(wake & WAKE_RECEIVE) || nk_ring_prepare_sleep(&t->receive) == 1)) {
-		if (t->job.len || t->send.len) /* waiting for ring room: sleep briefly */
+	uint32_t v = nk_bell_value(t->q.device_bell);
+	if ((!(wake & WAKE_COMPLETION) || nk_ring_prepare_sleep(&t->q.completion) == 1) &&
+	    (!(wake & WAKE_RECEIVE) || nk_ring_prepare_sleep(&t->q.receive) == 1)) {
+		if (t->q.job.len || t->q.send.len) /* waiting for ring room: sleep briefly */
 			timeout_ns = timeout_ns < 1000000 ? timeout_ns : 1000000;
 		t->st.sleeps++;
-		nk_bell_wait(t->device_bell, v, timeout_ns); /* RING-7: always bounded */
+		nk_bell_wait(t->q.device_bell, v, timeout_ns); /* RING-7: always bounded */
 	}
 	if (wake & WAKE_COMPLETION)
-		nk_ring_finish_sleep(&t->completion);
+		nk_ring_finish_sleep(&t->q.completion);
 	if (wake & WAKE_RECEIVE)
-		nk_ring_finish_sleep(&t->receive);
+		nk_ring_finish_sleep(&t->q.receive);
 }
 
 static int wait_for(struct nk_tenant *t, unsigned wake, int64_t timeout_ns)
@@ -448,7 +444,7 @@ static int64_t sync_call(struct nk_tenant *t, uint8_t op, uint32_t sock_id, uint
 		}
 		c->size = size;
 		if (in_len)
-			memcpy(t->data + c->buf, in, in_len);
+			memcpy(t->q.data + c->buf, in, in_len);
 	}
 	int rc = publish(t, (uint32_t)tag, op_data);
 	int64_t result = rc < 0 ? rc : call_wait(t, (uint32_t)tag);
@@ -456,7 +452,7 @@ static int64_t sync_call(struct nk_tenant *t, uint8_t op, uint32_t sock_id, uint
 		return result < 0 ? result : -t->dead; /* the slot stays: the device is gone */
 	if (out && result > 0 && out_len) {
 		uint32_t k = result < room ? (uint32_t)result : room;
-		memcpy(out, t->data + c->buf, k);
+		memcpy(out, t->q.data + c->buf, k);
 		*out_len = k;
 	}
 	call_free(t, (uint32_t)tag);
@@ -468,33 +464,19 @@ static int64_t sync_call(struct nk_tenant *t, uint8_t op, uint32_t sock_id, uint
 int nk_tenant_init(struct nk_tenant **out, void *base, uint64_t len,
 		   const struct nk_tenant_opts *opts)
 {
-	struct nk_geometry g;
-	int rc = nk_dev_read_header(base, len, &g); /* DEV-2, DEV-12..14, SEC-1 */
+	struct nk_tqueue q;
+	int rc = nk_tqueue_open(&q, base, len, QSET); /* DEV-2, DEV-12..14, SEC-1 */
 	if (rc < 0)
 		return rc;
-	const struct nk_dev_header *h = base;
-	if (g.kind != NK_KIND_TENANT || h->state != NK_STATE_READY)
-		return -EPROTO;
 	struct nk_tenant *t = calloc(1, sizeof(*t));
 	if (!t)
 		return -ENOMEM;
-	t->base = base;
-	t->len = len;
-	t->geo = g;
-	t->data = (char *)base + nk_geo_data_offset(&g);
+	t->q = q;
+	const struct nk_geometry g = q.geo;
 	t->spin_ns = opts && opts->spin_ns >= 0 ? opts->spin_ns : NK_TENANT_SPIN_NS_DEFAULT;
 	t->max_sends = opts && opts->max_sends ? opts->max_sends : NK_TENANT_MAX_SENDS_DEFAULT;
 	t->send_batch = opts && opts->send_batch ? opts->send_batch : 1;
 	t->control_fd = opts ? opts->control_fd : -1;
-	char *q = t->base;
-	nk_ring_init(&t->job.ring, q + nk_geo_ring_offset(&g, QSET, NK_RING_JOB), g.ring_entries);
-	nk_ring_init(&t->send.ring, q + nk_geo_ring_offset(&g, QSET, NK_RING_SEND), g.ring_entries);
-	nk_ring_init(&t->completion, q + nk_geo_ring_offset(&g, QSET, NK_RING_COMPLETION),
-		     g.ring_entries);
-	nk_ring_init(&t->receive, q + nk_geo_ring_offset(&g, QSET, NK_RING_RECEIVE),
-		     g.ring_entries);
-	t->device_bell = (uint32_t *)(q + nk_geo_bell_offset(&g, QSET, NK_BELL_DEVICE));
-	t->engine_bell = (uint32_t *)(q + nk_geo_bell_offset(&g, QSET, NK_BELL_ENGINE));
 	/* SEC-5: the CoreEngine answers ENOBUFS beyond one ring's worth in flight; staying
 	 * under it also means every reply finds room in COMPLETION */
 	uint64_t n = (uint64_t)g.n_qsets * g.ring_entries;
@@ -518,7 +500,7 @@ int nk_tenant_exit(struct nk_tenant *t, int64_t timeout_ns)
 {
 	int64_t deadline = now_ns() + (timeout_ns < 0 ? NK_TENANT_EXIT_NS : timeout_ns);
 	int rc = 0;
-	while (!t->dead && (t->nfree < t->ncalls || t->job.len || t->send.len)) {
+	while (!t->dead && (t->nfree < t->ncalls || t->q.job.len || t->q.send.len)) {
 		if (now_ns() >= deadline) {
 			rc = -ETIMEDOUT;
 			break;
@@ -528,8 +510,8 @@ int nk_tenant_exit(struct nk_tenant *t, int64_t timeout_ns)
 	for (uint32_t i = 0; i < t->nsocks; i++)
 		free(t->socks[i].rx);
 	free(t->socks);
-	nk_outbox_free(&t->job);
-	nk_outbox_free(&t->send);
+	nk_outbox_free(&t->q.job);
+	nk_outbox_free(&t->q.send);
 	free(t->calls);
 	free(t->free_tags);
 	nk_bufpool_delete(t->pool);
@@ -677,7 +659,7 @@ ssize_t nk_tenant_send(struct nk_tenant *t, int s, const void *buf, size_t len, 
 	if (!k)
 		return -EBADF;
 	uint64_t wire_flags = (uint32_t)(flags & ~SEND_LOCAL_FLAGS);
-	uint64_t granule = t->geo.buf_size;
+	uint64_t granule = t->q.geo.buf_size;
 	size_t done = 0;
 	while (done < len || len == 0) {
 		if ((k = live(t, s)) == NULL)
@@ -709,7 +691,7 @@ ssize_t nk_tenant_send(struct nk_tenant *t, int s, const void *buf, size_t len, 
 		}
 		if (rc < 0)
 			return done ? (ssize_t)done : rc;
-		memcpy(t->data + off, (const char *)buf + done, chunk);
+		memcpy(t->q.data + off, (const char *)buf + done, chunk);
 		struct call *c = &t->calls[tag];
 		c->buf = off;
 		c->size = (uint32_t)chunk;
@@ -721,8 +703,8 @@ ssize_t nk_tenant_send(struct nk_tenant *t, int s, const void *buf, size_t len, 
 	}
 	/* one tail store and one bell check for the whole call; with send_batch > 1 the
 	 * SENDs wait for more (or for the next wait, which flushes) like MSG_MORE */
-	if (t->send.len >= t->send_batch)
-		outbox_flush(t, &t->send);
+	if (t->q.send.len >= t->send_batch)
+		outbox_flush(t, &t->q.send);
 	return (ssize_t)done;
 }
 
@@ -738,7 +720,7 @@ ssize_t nk_tenant_recv(struct nk_tenant *t, int s, void *buf, size_t len, int fl
 		while (k->rx_len && have < len) {
 			struct rx *r = &k->rx[k->rx_head];
 			size_t n = r->size - r->pos < len - have ? r->size - r->pos : len - have;
-			memcpy((char *)buf + have, t->data + r->off + r->pos, n);
+			memcpy((char *)buf + have, t->q.data + r->off + r->pos, n);
 			have += n;
 			r->pos += (uint32_t)n;
 			if (r->pos == r->size) { /* BUF-4: consumed, back to its NSM */
@@ -748,7 +730,7 @@ ssize_t nk_tenant_recv(struct nk_tenant *t, int s, void *buf, size_t len, int fl
 			}
 		}
 		if (have || len == 0) {
-			outbox_flush(t, &t->send);
+			outbox_flush(t, &t->q.send);
 			return (ssize_t)have;
 		}
 		if (k->fin)
@@ -815,6 +797,6 @@ int nk_tenant_close(struct nk_tenant *t, int s)
 	if (k->sends == 0)
 		send_close(t, (uint32_t)s, k); /* else the last SEND reply sends it */
 	else
-		outbox_flush(t, &t->send);
+		outbox_flush(t, &t->q.send);
 	return 0;
 }

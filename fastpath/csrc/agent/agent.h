@@ -25,6 +25,7 @@
 #include "nk/device.h"
 #include "nk/nqe.h"
 #include "nk/outbox.h"
+#include "nk/tqueue.h"
 #include "nk/ring.h"
 
 #define AG_QSET 0              /* every NQE on queue set 0: SENDs stay ordered (NQE-16) */
@@ -131,13 +132,7 @@ struct ag_call {
 };
 
 struct ag {
-	/* the device */
-	char *base, *data;
-	uint64_t len;
-	struct nk_geometry geo;
-	struct nk_ring completion, receive;
-	struct nk_outbox job, send;
-	uint32_t *device_bell, *engine_bell;
+	struct nk_tqueue q;      /* queue set AG_QSET of the device */
 	struct nk_bufpool *pool;
 	struct ag_call *calls;
 	uint32_t ncalls, *free_tags, nfree;

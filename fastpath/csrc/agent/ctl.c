@@ -155,7 +155,7 @@ void ag_reply_call(struct ag *a, struct ag_call *c, int64_t result)
 			uint32_t k = result < (int64_t)c->room ? (uint32_t)result : c->room;
 			if (k > NK_AG_DATA_MAX)
 				k = NK_AG_DATA_MAX;
-			memcpy(p->rep.data, a->data + c->buf, k);
+			memcpy(p->rep.data, a->q.data + c->buf, k);
 			p->rep.len = k;
 		}
 		break;

@@ -327,7 +327,7 @@ static void ce_lost(struct ag *a)
 	if (a->ce_dead)
 		return;
 	a->ce_dead = true;
-	a->job.len = a->send.len = 0; /* nothing will ever take them */
+	a->q.job.len = a->q.send.len = 0; /* nothing will ever take them */
 	ag_fail_calls(a);
 	ag_all_broken(a, ECONNRESET);
 }
@@ -349,7 +349,7 @@ static void engine_ready(struct ag *a)
 
 static void check_detached(struct ag *a)
 {
-	const struct nk_dev_header *h = (const struct nk_dev_header *)a->base;
+	const struct nk_dev_header *h = (const struct nk_dev_header *)a->q.base;
 	if (__atomic_load_n(&h->state, __ATOMIC_ACQUIRE) == NK_STATE_DETACHED)
 		ce_lost(a);
 }
@@ -423,7 +423,7 @@ static bool round_once(struct ag *a, bool busy)
 	if (!busy && n == 0 && !a->pump) {
 		sleeping = true;
 		if (ag_rings_prepare_sleep(a))
-			timeout = a->job.len || a->send.len ? AG_BUSY_SLEEP_MS
+			timeout = a->q.job.len || a->q.send.len ? AG_BUSY_SLEEP_MS
 				  : a->watch || a->throttled_listener || a->starved ? AG_TICK_MS
 										     : AG_SLEEP_MS;
 	}
@@ -535,7 +535,7 @@ int main(int argc, char **argv)
 		watch_fd(a, a->hold_fd, &ag_tag_hold);
 	}
 	/* DEV-9: the bell's value before the loop's first re-check, read here */
-	a->bell_seen = nk_bell_value(a->device_bell);
+	a->bell_seen = nk_bell_value(a->q.device_bell);
 	if (pthread_create(&a->bell_thread, NULL, ag_bell_main, a) != 0) {
 		fprintf(stderr, "nk-agent: no bell thread\n");
 		return 1;

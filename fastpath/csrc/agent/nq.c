@@ -30,27 +30,10 @@ int64_t ag_now_ns(void)
 /* Queue set 0 of a READY tenant device, as nk_tenant_init sets it up (DEV-2, DEV-12..14). */
 int ag_dev_init(struct ag *a, void *base, uint64_t len)
 {
-	struct nk_geometry g;
-	int rc = nk_dev_read_header(base, len, &g);
+	int rc = nk_tqueue_open(&a->q, base, len, AG_QSET);
 	if (rc < 0)
 		return rc;
-	const struct nk_dev_header *h = base;
-	if (g.kind != NK_KIND_TENANT || h->state != NK_STATE_READY)
-		return -EPROTO;
-	a->base = base;
-	a->len = len;
-	a->geo = g;
-	a->data = (char *)base + nk_geo_data_offset(&g);
-	char *q = base;
-	nk_ring_init(&a->job.ring, q + nk_geo_ring_offset(&g, AG_QSET, NK_RING_JOB), g.ring_entries);
-	nk_ring_init(&a->send.ring, q + nk_geo_ring_offset(&g, AG_QSET, NK_RING_SEND),
-		     g.ring_entries);
-	nk_ring_init(&a->completion, q + nk_geo_ring_offset(&g, AG_QSET, NK_RING_COMPLETION),
-		     g.ring_entries);
-	nk_ring_init(&a->receive, q + nk_geo_ring_offset(&g, AG_QSET, NK_RING_RECEIVE),
-		     g.ring_entries);
-	a->device_bell = (uint32_t *)(q + nk_geo_bell_offset(&g, AG_QSET, NK_BELL_DEVICE));
-	a->engine_bell = (uint32_t *)(q + nk_geo_bell_offset(&g, AG_QSET, NK_BELL_ENGINE));
+	const struct nk_geometry g = a->q.geo;
 	/* SEC-5: no more than one ring's worth in flight, so every reply finds room */
 	uint64_t n = g.ring_entries;
 	a->ncalls = n < MAX_TAGS ? (uint32_t)n : MAX_TAGS;
@@ -125,7 +108,7 @@ int ag_call_buffer(struct ag *a, uint32_t tag, const void *in, uint32_t in_len, 
 	c->size = size;
 	c->room = room;
 	if (in_len)
-		memcpy(a->data + c->buf, in, in_len);
+		memcpy(a->q.data + c->buf, in, in_len);
 	return 0;
 }
 
@@ -134,7 +117,7 @@ int ag_call_buffer(struct ag *a, uint32_t tag, const void *in, uint32_t in_len, 
 /* Publish the outbox in order (nk/outbox.h); ring the ENGINE bell if its consumer sleeps. */
 static int outbox_flush(struct ag *a, struct nk_outbox *b)
 {
-	int64_t n = nk_outbox_flush(b, a->engine_bell, &a->n_bells);
+	int64_t n = nk_outbox_flush(b, a->q.engine_bell, &a->n_bells);
 	return n < 0 ? (int)n : 0; /* RING-10 */
 }
 
@@ -142,8 +125,8 @@ int ag_flush(struct ag *a)
 {
 	if (a->ce_dead)
 		return 0;
-	int rc = outbox_flush(a, &a->job);
-	return rc < 0 ? rc : outbox_flush(a, &a->send);
+	int rc = outbox_flush(a, &a->q.job);
+	return rc < 0 ? rc : outbox_flush(a, &a->q.send);
 }
 
 /* Queue call `tag` on its ring's outbox (DEV-8: SEND on SEND, the rest on JOB); it is
@@ -156,7 +139,7 @@ int ag_publish(struct ag *a, uint32_t tag, uint64_t op_data)
 			    .size = c->size, .tag = (uint16_t)tag };
 	if (c->op == NK_OP_SEND)
 		a->n_sends++;
-	return nk_outbox_add(c->op == NK_OP_SEND ? &a->send : &a->job, &n);
+	return nk_outbox_add(c->op == NK_OP_SEND ? &a->q.send : &a->q.job, &n);
 }
 
 /* BUF-4: an EV_DATA span goes back exactly as it came, once. */
@@ -165,7 +148,7 @@ void ag_buf_return(struct ag *a, uint64_t off, uint32_t size)
 	if (a->ce_dead)
 		return; /* the area is gone with the CoreEngine */
 	struct nk_nqe n = { .op = NK_OP_BUF_RETURN, .qset = AG_QSET, .data_ptr = off, .size = size };
-	nk_outbox_add(&a->send, &n);
+	nk_outbox_add(&a->q.send, &n);
 }
 
 /* ---- the dispatcher ------------------------------------------------------------------ */
@@ -190,7 +173,7 @@ static void complete(struct ag *a, uint32_t tag, int64_t result)
 	case NK_OP_ACCEPT: {
 		char addr[AG_SOCKADDR_ROOM] = { 0 };
 		if (result > 0 && c->size)
-			memcpy(addr, a->data + c->buf,
+			memcpy(addr, a->q.data + c->buf,
 			       result < (int64_t)sizeof(addr) ? (size_t)result : sizeof(addr));
 		uint32_t new_id = (uint32_t)c->aux;
 		ag_call_free(a, tag);
@@ -275,7 +258,7 @@ int ag_poll_rings(struct ag *a)
 	if (a->ce_dead)
 		return 0;
 	struct nk_nqe batch[POLL_BATCH];
-	struct nk_ring *rings[2] = { &a->completion, &a->receive };
+	struct nk_ring *rings[2] = { &a->q.completion, &a->q.receive };
 	int total = 0;
 	for (int r = 0; r < 2; r++) {
 		for (;;) {
@@ -298,16 +281,16 @@ bool ag_rings_prepare_sleep(struct ag *a)
 {
 	if (a->ce_dead)
 		return true;
-	return nk_ring_prepare_sleep(&a->completion) == 1 &&
-	       nk_ring_prepare_sleep(&a->receive) == 1;
+	return nk_ring_prepare_sleep(&a->q.completion) == 1 &&
+	       nk_ring_prepare_sleep(&a->q.receive) == 1;
 }
 
 void ag_rings_finish_sleep(struct ag *a)
 {
 	if (a->ce_dead)
 		return;
-	nk_ring_finish_sleep(&a->completion);
-	nk_ring_finish_sleep(&a->receive);
+	nk_ring_finish_sleep(&a->q.completion);
+	nk_ring_finish_sleep(&a->q.receive);
 }
 
 /* The bell thread: wakes the loop (eventfd) whenever the DEVICE bell word changed since it
@@ -317,7 +300,7 @@ void *ag_bell_main(void *arg)
 	struct ag *a = arg;
 	uint32_t seen = a->bell_seen;
 	while (!atomic_load_explicit(&a->quit, memory_order_acquire)) {
-		uint32_t now = nk_bell_value(a->device_bell);
+		uint32_t now = nk_bell_value(a->q.device_bell);
 		if (now != seen) {
 			seen = now;
 			uint64_t one = 1;
@@ -325,7 +308,7 @@ void *ag_bell_main(void *arg)
 				/* EAGAIN: the counter is saturated, the loop is awake anyway */
 			}
 		}
-		nk_bell_wait(a->device_bell, now, (int64_t)AG_SLEEP_MS * 1000000); /* RING-7 */
+		nk_bell_wait(a->q.device_bell, now, (int64_t)AG_SLEEP_MS * 1000000); /* RING-7 */
 	}
 	return NULL;
 }

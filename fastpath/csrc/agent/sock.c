@@ -337,7 +337,7 @@ static bool read_stream(struct ag *a, struct ag_sock *s)
 			starve(a, s);
 		return false;
 	}
-	ssize_t n = recv(s->fd, a->data + off, want, MSG_DONTWAIT);
+	ssize_t n = recv(s->fd, a->q.data + off, want, MSG_DONTWAIT);
 	if (n <= 0) {
 		int e = errno;
 		ag_call_free(a, (uint32_t)tag);
@@ -394,7 +394,7 @@ static bool read_dgram(struct ag *a, struct ag_sock *s)
 			starve(a, s);
 		return false;
 	}
-	struct iovec iov[2] = { { &h, sizeof(h) }, { a->data + off + h.addrlen, payload } };
+	struct iovec iov[2] = { { &h, sizeof(h) }, { a->q.data + off + h.addrlen, payload } };
 	struct msghdr m = { .msg_iov = iov, .msg_iovlen = 2 };
 	ssize_t n = recvmsg(s->fd, &m, MSG_DONTWAIT);
 	if (n < (ssize_t)sizeof(h)) {
@@ -403,7 +403,7 @@ static bool read_dgram(struct ag *a, struct ag_sock *s)
 			nk_bufpool_free(a->pool, off, NULL);
 		return false;
 	}
-	memcpy(a->data + off, h.addr, h.addrlen);
+	memcpy(a->q.data + off, h.addr, h.addrlen);
 	struct ag_call *c = &a->calls[tag];
 	c->buf = off;
 	c->size = size;
@@ -441,13 +441,13 @@ static void write_rx(struct ag *a, struct ag_sock *s)
 		struct ag_rx *r = &s->rx[s->rx_head];
 		ssize_t n;
 		if (s->stream) {
-			n = send(s->fd, a->data + r->off + r->pos, r->size - r->pos,
+			n = send(s->fd, a->q.data + r->off + r->pos, r->size - r->pos,
 				 MSG_DONTWAIT | MSG_NOSIGNAL);
 		} else {
 			struct nk_ag_dgram h = { .addrlen = r->prefix };
-			memcpy(h.addr, a->data + r->off, r->prefix);
+			memcpy(h.addr, a->q.data + r->off, r->prefix);
 			struct iovec iov[2] = { { &h, sizeof(h) },
-						{ a->data + r->off + r->prefix, r->size - r->prefix } };
+						{ a->q.data + r->off + r->prefix, r->size - r->prefix } };
 			struct msghdr m = { .msg_iov = iov, .msg_iovlen = 2 };
 			n = sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
 		}
