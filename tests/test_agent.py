@@ -15,6 +15,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import select
 import socket
 import struct
@@ -43,11 +44,35 @@ SETSOCKOPT, GETSOCKOPT, GETSOCKNAME, GETPEERNAME, SHUTDOWN, NREAD = 7, 8, 9, 10,
 KIND_STREAM, KIND_DGRAM, KIND_LISTEN = 1, 2, 4
 
 
-def test_layout_matches_the_header() -> None:
-    """The Python mirror of agent_proto.h has the C sizes (296, 280, 32 bytes)."""
-    header = (CSRC / "include" / "nk" / "agent_proto.h").read_text()
-    assert "NK_AG_DATA_MAX 256" in header
-    assert (REQ.size, REP.size, RECORD.size) == (296, 280, 32)
+def test_the_python_mirror_has_the_c_layout_and_numbers() -> None:
+    """The records and numbers this file speaks are agent_proto.h's: sizes and field
+    offsets from the compiled header (cffi checks its declarations against it)."""
+    from netkernel.fastpath._lib import ffi, lib
+
+    def offsets(fmt: struct.Struct) -> list[int]:
+        """Where each item of a little-endian format starts ("256s" is one item)."""
+        out, at = [], 0
+        for code in re.findall(r"\d*[a-zA-Z]", fmt.format.lstrip("<")):
+            out.append(at)
+            at += struct.calcsize("<" + code)
+        return out
+
+    assert (ffi.sizeof("struct nk_ag_req"), ffi.sizeof("struct nk_ag_rep")) == (REQ.size,
+                                                                                REP.size)
+    assert ffi.sizeof("struct nk_ag_accept") == ffi.sizeof("struct nk_ag_dgram") == RECORD.size
+    req = [ffi.offsetof("struct nk_ag_req", f) for f in ("op", "len", "ino", "arg", "data")]
+    assert req == [*offsets(REQ)[:4], offsets(REQ)[6]]  # arg[3] is three items in REQ
+    rep = [ffi.offsetof("struct nk_ag_rep", f) for f in ("result", "arg0", "len", "pad", "data")]
+    assert rep == offsets(REP)
+    assert ffi.offsetof("struct nk_ag_accept", "addr") == offsets(RECORD)[1]
+    assert lib.NK_AG_DATA_MAX == 256
+    assert [HELLO, SOCKET, LOOKUP, BIND, LISTEN, CONNECT, SETSOCKOPT, GETSOCKOPT, GETSOCKNAME,
+            GETPEERNAME, SHUTDOWN, NREAD] == [
+        lib.NK_AG_HELLO, lib.NK_AG_SOCKET, lib.NK_AG_LOOKUP, lib.NK_AG_BIND, lib.NK_AG_LISTEN,
+        lib.NK_AG_CONNECT, lib.NK_AG_SETSOCKOPT, lib.NK_AG_GETSOCKOPT, lib.NK_AG_GETSOCKNAME,
+        lib.NK_AG_GETPEERNAME, lib.NK_AG_SHUTDOWN, lib.NK_AG_NREAD]
+    assert (KIND_STREAM, KIND_DGRAM, KIND_LISTEN) == (
+        lib.NK_AG_KIND_STREAM, lib.NK_AG_KIND_DGRAM, lib.NK_AG_KIND_LISTEN)
 
 
 def sockaddr_in(host: str, port: int) -> bytes:
