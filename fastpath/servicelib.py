@@ -60,6 +60,10 @@ def attach(runtime: Path, *, name: str = "kernel",
     return Attachment(ctl, dmap, nsm_id, runtime)
 
 
+#: Where a TCP connection between two tenants of the NSM goes (enum nk_nsm_placement).
+PLACEMENTS: Final[dict[str, int]] = {"kernel": 0, "auto": 1, "shm": 2}
+
+
 class ServiceLib:
     """The C loop over one attached NSM device (``struct nk_nsm``).
 
@@ -69,7 +73,7 @@ class ServiceLib:
     """
 
     def __init__(self, att: Attachment, *, stop_fd: int = -1, rx_chunk: int = 0,
-                 rx_cap: int = 0) -> None:
+                 rx_cap: int = 0, placement: str = "kernel") -> None:
         self.att = att
         ctl = att.control.fileno() if att.control is not None else -1
         self._ptr: Any = lib.nk_nsm_new(ffi.cast("void *", att.dmap.base), len(att.dmap.buf),
@@ -78,6 +82,10 @@ class ServiceLib:
             err = ffi.errno
             raise OSError(err, f"nk_nsm_new: {os.strerror(err)}")
         lib.nk_nsm_set_rx(self._ptr, rx_chunk, rx_cap)
+        if placement not in PLACEMENTS:
+            self.close()
+            raise ValueError(f"unknown placement {placement!r} (known: {', '.join(PLACEMENTS)})")
+        lib.nk_nsm_set_placement(self._ptr, PLACEMENTS[placement])
 
     def run(self) -> int:
         """Serve until stopped (:data:`STOPPED`) or the CoreEngine is gone (:data:`LOST`).
@@ -98,6 +106,17 @@ class ServiceLib:
         lib.nk_nsm_get_counters(self._ptr, c)
         return {f: int(getattr(c, f)) for f, _ in ffi.typeof("struct nk_nsm_counters").fields}
 
+    def tenant_counters(self, vm: int) -> dict[str, int] | None:
+        """Tenant ``vm``'s counters (spec/nsm.md NSM-23), or None when it is not mapped.
+
+        Safe from any thread while :meth:`run` runs.
+        """
+        c = ffi.new("struct nk_nsm_tenant_counters *")
+        if lib.nk_nsm_get_tenant_counters(self._ptr, vm, c) < 0:
+            return None
+        return {f: int(getattr(c, f))
+                for f, _ in ffi.typeof("struct nk_nsm_tenant_counters").fields}
+
     def close(self) -> None:
         """Close every tenant socket, unmap the tenants, hang up, unmap the device."""
         if self._ptr is not None:
@@ -108,4 +127,4 @@ class ServiceLib:
         self.att.dmap.close()
 
 
-__all__ = ["LOST", "STOPPED", "AttachError", "Attachment", "ServiceLib", "attach"]
+__all__ = ["LOST", "PLACEMENTS", "STOPPED", "AttachError", "Attachment", "ServiceLib", "attach"]

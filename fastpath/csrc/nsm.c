@@ -49,6 +49,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -370,7 +371,18 @@ struct nk_nsm {
 	pthread_t watcher;
 	struct nk_nsm_counters c;
 	_Atomic uint64_t bell_wakeups;
+	int placement; /* enum nk_nsm_placement */
+	/* per tenant, read by other threads: every access is a relaxed atomic (nk_nsm_tc_add) */
+	struct nk_nsm_tenant_counters tc[256];
+	bool tc_mapped[256];
 };
+
+/* Per-tenant counters: written by the loop, read from any thread (no ordering needed:
+ * each counter is a statistic on its own). */
+#define nk_nsm_tc_add(n, vm, field, v) \
+	__atomic_fetch_add(&(n)->tc[(vm)].field, (uint64_t)(v), __ATOMIC_RELAXED)
+#define nk_nsm_tc_sub(n, vm, field, v) \
+	__atomic_fetch_sub(&(n)->tc[(vm)].field, (uint64_t)(v), __ATOMIC_RELAXED)
 
 /* epoll tags of the fds that are not sockets */
 static char nk_nsm_tag_wake, nk_nsm_tag_control, nk_nsm_tag_stop;
@@ -554,6 +566,7 @@ static void nk_nsm_remove(struct nk_nsm *n, struct nk_nsm_sock *s)
 		if (*p == s) {
 			*p = s->hnext;
 			n->nsocks--;
+			nk_nsm_tc_sub(n, s->vm_id, sockets, 1);
 			return;
 		}
 	}
@@ -576,6 +589,7 @@ static struct nk_nsm_sock *nk_nsm_sock_new(struct nk_nsm *n, const struct nk_nsm
 	q_init(&s->accepts, sizeof(struct nk_nsm_call));
 	q_init(&s->sendq, sizeof(struct nk_nsm_send));
 	nk_nsm_insert(n, s);
+	nk_nsm_tc_add(n, s->vm_id, sockets, 1);
 	return s;
 }
 
@@ -864,6 +878,10 @@ static void nk_nsm_tenant_map(struct nk_nsm *n, const struct nk_nsm_call *call)
 	q_init(&t->starved, sizeof(struct nk_nsm_sock *));
 	n->tenants[vm] = t;
 	n->c.tenants++;
+	for (size_t f = 0; f < sizeof(n->tc[vm]) / sizeof(uint64_t); f++) /* a new tenant */
+		if (f != offsetof(struct nk_nsm_tenant_counters, sockets) / sizeof(uint64_t))
+			__atomic_store_n(&((uint64_t *)&n->tc[vm])[f], 0, __ATOMIC_RELAXED);
+	__atomic_store_n(&n->tc_mapped[vm], true, __ATOMIC_RELAXED);
 	nk_nsm_reply(n, call, 0);
 }
 
@@ -892,6 +910,7 @@ static void nk_nsm_forget_tenant(struct nk_nsm *n, uint8_t vm)
 		nk_nsm_tenant_free(n->tenants[vm]);
 		n->tenants[vm] = NULL;
 		n->c.tenants--;
+		__atomic_store_n(&n->tc_mapped[vm], false, __ATOMIC_RELAXED);
 	}
 }
 
@@ -1148,6 +1167,7 @@ static bool nk_nsm_try_send(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_n
 		int64_t rc = nk_nsm_rc(r);
 		if (rc >= 0) {
 			p->done += (uint32_t)rc;
+			nk_nsm_tc_add(n, s->vm_id, stack_bytes_out, rc);
 			if (p->done >= p->length || !s->stream) {
 				nk_nsm_reply(n, &p->call, p->done);
 				return true;
@@ -1404,6 +1424,7 @@ static void nk_nsm_data(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_t
 {
 	t->pool.lent[(off - t->pool.base) / t->pool.granule].named = size; /* BUF-4 */
 	s->rx_bytes += lent;
+	nk_nsm_tc_add(n, s->vm_id, stack_bytes_in, size - prefix);
 	nk_nsm_event(n, s, NK_OP_EV_DATA, prefix, off, size);
 }
 
@@ -1802,6 +1823,25 @@ void nk_nsm_get_counters(const struct nk_nsm *n, struct nk_nsm_counters *out)
 	*out = n->c;
 	out->bell_wakeups = atomic_load_explicit(&n->bell_wakeups, memory_order_relaxed);
 	out->sockets = n->nsocks;
+}
+
+int nk_nsm_set_placement(struct nk_nsm *n, int placement)
+{
+	if (placement < NK_PLACE_KERNEL || placement > NK_PLACE_SHM)
+		return -EINVAL;
+	n->placement = placement;
+	return 0;
+}
+
+int nk_nsm_get_tenant_counters(const struct nk_nsm *n, uint8_t vm,
+			       struct nk_nsm_tenant_counters *out)
+{
+	if (!__atomic_load_n(&n->tc_mapped[vm], __ATOMIC_RELAXED))
+		return -ENOENT;
+	for (size_t f = 0; f < sizeof(*out) / sizeof(uint64_t); f++)
+		((uint64_t *)out)[f] = __atomic_load_n(&((const uint64_t *)&n->tc[vm])[f],
+						       __ATOMIC_RELAXED);
+	return 0;
 }
 
 struct nk_nsm *nk_nsm_new(void *base, uint64_t len, const char *runtime, int control_fd,

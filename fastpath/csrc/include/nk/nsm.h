@@ -33,6 +33,30 @@ struct nk_nsm_counters {
 	uint64_t tenants;   /* tenant areas mapped now */
 };
 
+/* On-host pairing (spec/nsm.md §5, NSM-18..NSM-23): where a TCP connection between two
+ * tenants of this NSM goes. KERNEL: always Linux TCP (the kernel NSM). AUTO: paired in
+ * shared memory when the listener's accept queue has room, else Linux TCP. SHM: always
+ * paired; a full accept queue refuses the connection. Connections with a peer that is
+ * not a tenant of this NSM always use Linux TCP. */
+enum nk_nsm_placement {
+	NK_PLACE_KERNEL = 0,
+	NK_PLACE_AUTO = 1,
+	NK_PLACE_SHM = 2,
+};
+
+/* Per-tenant counters (multiplexing: one NSM serves many tenants). Readable from any
+ * thread while nk_nsm_run() runs (relaxed atomics: each field is exact, the set is not
+ * a snapshot). */
+struct nk_nsm_tenant_counters {
+	uint64_t sockets;       /* the tenant's sockets open now */
+	uint64_t paired;        /* connections paired in shared memory, ever (both ends count) */
+	uint64_t paired_now;    /* ends of paired connections open now */
+	uint64_t shm_bytes_out; /* payload the tenant sent over paired connections */
+	uint64_t shm_bytes_in;  /* payload the tenant received over paired connections */
+	uint64_t stack_bytes_out; /* payload the tenant sent through the network stack */
+	uint64_t stack_bytes_in;  /* payload the tenant received from the network stack */
+};
+
 /* base/len: the NSM device, already mapped and validated by the caller (it
  * stays the caller's). runtime: the instance directory holding vm-<V>.nk
  * (NSM-11). control_fd: the engine.sock connection, or -1. stop_fd: an fd
@@ -49,6 +73,11 @@ int nk_nsm_run(struct nk_nsm *n);
 /* From any thread: make nk_nsm_run() return NK_NSM_STOPPED soon. */
 void nk_nsm_stop(struct nk_nsm *n);
 void nk_nsm_get_counters(const struct nk_nsm *n, struct nk_nsm_counters *out);
+/* Before nk_nsm_run(): enum nk_nsm_placement (default NK_PLACE_KERNEL). -EINVAL if unknown. */
+int nk_nsm_set_placement(struct nk_nsm *n, int placement);
+/* From any thread: tenant vm's counters; 0, or -ENOENT when vm is not mapped. */
+int nk_nsm_get_tenant_counters(const struct nk_nsm *n, uint8_t vm,
+			       struct nk_nsm_tenant_counters *out);
 /* Close every socket (as close(2)), unmap every tenant area, free n. */
 void nk_nsm_free(struct nk_nsm *n);
 
