@@ -272,8 +272,12 @@ def format_status(doc: dict[str, Any]) -> str:
         for d in doc[key]:
             counts = " ".join(f"{k}={v}" for k, v in sorted(d.get("counters", {}).items())
                               if not isinstance(v, dict))
+            place = f" placement={d['placement']}" if d.get("placement") else ""
             lines.append(f"  {d['id']:>3}  pid {d['pid']:<7} {d['name'] or '-':<12}"
-                         f" sockets={d.get('sockets', 0)} {counts}")
+                         f" sockets={d.get('sockets', 0)}{place} {counts}")
+            for vm, c in sorted(d.get("served", {}).items(), key=lambda kv: int(kv[0])):
+                lines.append(f"       tenant {vm:>3}: " + " ".join(
+                    f"{k}={v}" for k, v in c.items()))
     return "\n".join(lines)
 
 
@@ -346,8 +350,11 @@ def _add_instance_commands(commands: argparse._SubParsersAction[argparse.Argumen
     p = _add_command(commands, "up", cmd_up,
                      "start a CoreEngine and an NSM in the background; return once ready")
     instance_arg(p)
-    p.add_argument("--nsm", default="kernel", choices=["kernel", "none"],
-                   help="the NSM to start: 'kernel' (Linux sockets) or 'none'")
+    p.add_argument("--nsm", default="auto", choices=["auto", "kernel", "shm", "none"],
+                   help="the NSM to start (spec/shm.md SHM-1): 'auto' (default: connections"
+                        " between tenants in shared memory when possible, the rest over Linux"
+                        " TCP), 'shm' (always shared memory between tenants), 'kernel' (Linux"
+                        " TCP only) or 'none'")
     p.add_argument("--netns", metavar="NAME", default=None,
                    help="run the NSM inside this network namespace (ip netns exec)")
     impl_arg(p)
@@ -371,8 +378,9 @@ def _add_instance_commands(commands: argparse._SubParsersAction[argparse.Argumen
                      "run an unmodified program with its sockets over NetKernel (LD_PRELOAD)",
                      epilog="example: netkernel run -- curl -s http://127.0.0.1:8080/")
     instance_arg(p)
-    p.add_argument("--nsm", default="kernel", choices=["kernel"],
-                   help="the NSM of the embedded instance started when none is running")
+    p.add_argument("--nsm", default="auto", choices=["auto", "kernel", "shm"],
+                   help="the NSM of the embedded instance started when none is running"
+                        " (as `up --nsm`)")
     impl_arg(p)
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                    help="the program and its arguments")

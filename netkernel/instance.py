@@ -19,6 +19,7 @@ instance it asks the CoreEngine over ``engine.sock``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -37,8 +38,21 @@ IMPLS: Final[dict[str, str]] = {
     "reference": "netkernel.reference",
 }
 DEFAULT_IMPL: Final = "fastpath"
-#: NSM kinds ``up --nsm`` knows: the module (in the implementation's package) each runs as.
-NSM_MODULES: Final[dict[str, str]] = {"kernel": "nsm_kernel"}
+#: NSM placements ``up --nsm`` knows (spec/shm.md SHM-1), per implementation: the module
+#: (in the implementation's package) the NSM runs as, and its arguments. ``kernel``: every
+#: connection over Linux TCP; ``auto``: connections between tenants paired in shared memory
+#: when the listener's queue has room; ``shm``: always paired. The reference has no shm NSM:
+#: its ``auto`` is its best, the kernel NSM.
+NSM_KINDS: Final[dict[str, dict[str, tuple[str, ...]]]] = {
+    "fastpath": {
+        "kernel": ("nsm_kernel",),
+        "auto": ("nsm_shm", "--placement", "auto"),
+        "shm": ("nsm_shm", "--placement", "shm"),
+    },
+    "reference": {"kernel": ("nsm_kernel",), "auto": ("nsm_kernel",)},
+}
+NSM_CHOICES: Final = ("auto", "kernel", "shm")
+DEFAULT_NSM: Final = "auto"
 ENGINE_MODULE: Final = "coreengine"
 START_TIMEOUT: Final = 15.0
 STOP_TIMEOUT: Final = 5.0
@@ -108,12 +122,30 @@ def running(instance: str | None = None) -> bool:
 
 
 def status(instance: str | None = None) -> dict[str, Any]:
-    """The CoreEngine's status document (see :meth:`CoreEngine.status`)."""
+    """The CoreEngine's status document (see :meth:`CoreEngine.status`), each NSM's
+    entry completed with what the NSM publishes (RT-7): ``placement`` and per-tenant
+    ``served`` counters (SHM-7)."""
     name = shm.instance_name(instance)
     try:
-        return coreengine.request({"cmd": "status"}, name, timeout=2.0)
+        doc: dict[str, Any] = coreengine.request({"cmd": "status"}, name, timeout=2.0)
     except OSError as exc:
         raise InstanceError(f"instance {name!r} is not running ({exc.strerror or exc})") from None
+    directory = shm.instance_dir(name)
+    for entry in doc.get("nsms", []):
+        published = nsm_stats(directory, int(entry["id"]))
+        if published is not None:
+            entry["placement"] = published.get("placement")
+            entry["served"] = published.get("tenants", {})
+    return doc
+
+
+def nsm_stats(directory: Path, nsm_id: int) -> dict[str, Any] | None:
+    """What NSM ``nsm_id`` last published in ``nsm-<ID>.stats.json`` (RT-7), or None."""
+    try:
+        doc = json.loads((directory / f"nsm-{nsm_id}.stats.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("nsm") == nsm_id else None
 
 
 def _wait_for(what: str, ready: Any, procs: list[tuple[subprocess.Popen[bytes], Path]],
@@ -132,19 +164,22 @@ def _wait_for(what: str, ready: Any, procs: list[tuple[subprocess.Popen[bytes], 
         time.sleep(_POLL)
 
 
-def up(instance: str | None = None, *, nsm: str = "kernel", netns: str | None = None,
+def up(instance: str | None = None, *, nsm: str = DEFAULT_NSM, netns: str | None = None,
        timeout: float = START_TIMEOUT, impl: str = DEFAULT_IMPL) -> dict[str, Any]:
-    """Start the CoreEngine and one NSM of kind ``nsm`` (or none: ``nsm="none"``),
-    both of implementation ``impl`` (:data:`IMPLS`).
+    """Start the CoreEngine and one NSM with placement ``nsm`` (:data:`NSM_KINDS`; or
+    none: ``nsm="none"``), both of implementation ``impl`` (:data:`IMPLS`).
 
     Returns the status once every process is attached and ready. On failure
     everything started is stopped again and InstanceError says what broke.
     """
     name = shm.instance_name(instance)
-    if nsm != "none" and nsm not in NSM_MODULES:
-        raise InstanceError(f"unknown NSM {nsm!r} (known: {', '.join(NSM_MODULES)}, none)")
     if impl not in IMPLS:
         raise InstanceError(f"unknown implementation {impl!r} (known: {', '.join(IMPLS)})")
+    if nsm != "none" and nsm not in NSM_KINDS[impl]:
+        if nsm in NSM_CHOICES:
+            raise InstanceError(f"the {impl} implementation has no {nsm} NSM"
+                                f" (it has: {', '.join(NSM_KINDS[impl])})")
+        raise InstanceError(f"unknown NSM {nsm!r} (known: {', '.join(NSM_CHOICES)}, none)")
     package = IMPLS[impl]
     if running(name):
         raise InstanceError(f"instance {name!r} is already running")
@@ -158,7 +193,8 @@ def up(instance: str | None = None, *, nsm: str = "kernel", netns: str | None = 
         (directory / "engine.pid").write_text(f"{ce.pid}\n")
         _wait_for("CoreEngine", lambda: running(name), [(ce, engine_log)], timeout)
         if nsm != "none":
-            _start_nsm(name, f"{package}.{NSM_MODULES[nsm]}", nsm, netns, ce, engine_log,
+            module, *nsm_args = NSM_KINDS[impl][nsm]
+            _start_nsm(name, [f"{package}.{module}", *nsm_args], nsm, netns, ce, engine_log,
                        timeout)
     except BaseException:
         down(name)
@@ -166,10 +202,10 @@ def up(instance: str | None = None, *, nsm: str = "kernel", netns: str | None = 
     return status(name)
 
 
-def _start_nsm(name: str, module: str, kind: str, netns: str | None,
+def _start_nsm(name: str, module: list[str], kind: str, netns: str | None,
                ce: subprocess.Popen[bytes], engine_log: Path, timeout: float) -> None:
     directory = shm.instance_dir(name)
-    argv = [sys.executable, "-m", module, "--instance", name]
+    argv = [sys.executable, "-m", *module, "--instance", name]
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]
     log = directory / f"nsm-{kind}.starting.log"

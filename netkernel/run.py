@@ -193,7 +193,7 @@ def environment(base: dict[str, str], name: str, agent: Agent,
     return env
 
 
-def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = "kernel",
+def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = inst.DEFAULT_NSM,
         impl: str = inst.DEFAULT_IMPL) -> int:
     """Run ``cmd`` over NetKernel; its exit status. RunError when it cannot start."""
     if not cmd:

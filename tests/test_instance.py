@@ -9,12 +9,13 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from netkernel import instance
 from netkernel.reference import coreengine, shm
-from tests.live import pids_of
+from tests.live import pids_of, until
 
 CLI_TIMEOUT = 60
 
@@ -63,6 +64,36 @@ def test_up_status_down_with_the_kernel_nsm(name: str) -> None:
     assert not d.exists()
 
 
+@pytest.mark.parametrize(("nsm", "kind", "placement"), [
+    ("auto", "shm", "auto"), ("shm", "shm", "shm"), ("kernel", "kernel", "kernel")])
+def test_up_nsm_picks_the_nsm_and_its_placement(name: str, nsm: str, kind: str,
+                                                placement: str) -> None:
+    """``up --nsm kernel|auto|shm`` (spec/shm.md SHM-1): the NSM the CoreEngine sees, and
+    the placement it publishes, shown by ``status`` (SHM-7)."""
+    up = _cli("up", "--instance", name, "--nsm", nsm)
+    assert up.returncode == 0, up.stderr
+    try:
+        # the NSM publishes its counters once attached, a moment after `up` returned
+        def published() -> dict[str, Any] | None:
+            e: dict[str, Any] = instance.status(name)["nsms"][0]
+            return e if "placement" in e else None
+
+        entry = until("the NSM's counters", published)
+        assert entry["name"] == kind
+        assert entry["placement"] == placement and entry["served"] == {}
+        text = _cli("status", "--instance", name)
+        assert f"placement={placement}" in text.stdout, text.stdout
+    finally:
+        assert _cli("down", "--instance", name).returncode == 0
+    assert not (shm.instance_dir(name) / "nsm-1.stats.json").exists()
+
+
+def test_the_reference_has_no_shm_nsm(name: str) -> None:
+    bad = _cli("up", "--instance", name, "--impl", "reference", "--nsm", "shm")
+    assert bad.returncode == 1 and "the reference implementation has no shm NSM" in bad.stderr
+    assert pids_of(name) == [] and not shm.instance_dir(name).exists()
+
+
 def test_instance_from_the_environment_and_a_tenant_attached(name: str) -> None:
     """NETKERNEL_INSTANCE picks the instance; a tenant shows up in status; down detaches it."""
     env_before = os.environ.get("NETKERNEL_INSTANCE")
@@ -105,7 +136,7 @@ def test_up_twice_is_refused_and_down_cleans_a_killed_instance(name: str) -> Non
 
 
 def test_up_fails_cleanly_when_the_nsm_cannot_start(name: str) -> None:
-    with pytest.raises(instance.InstanceError, match="NSM kernel"):
+    with pytest.raises(instance.InstanceError, match="NSM auto"):
         instance.up(name, netns=f"no-such-netns-{name}", timeout=10)
     assert pids_of(name) == [] and not shm.instance_dir(name).exists()
 

@@ -234,21 +234,33 @@ def _nsm_pid(name: str) -> int:
     return pid
 
 
-@pytest.fixture(scope="module")
-def isolation_instance() -> Iterator[str]:
-    with own_instance() as name:
+#: Every isolation test runs on one NSM serving several tenants (issue 6, multiplexing):
+#: A, B and C on the kernel NSM, then on the shm NSM, where B's and C's echo connections
+#: are paired in shared memory (spec/shm.md) and A's forgeries meet a different NSM.
+PLACEMENTS = ["kernel", "auto"]
+
+
+@pytest.fixture(scope="module", params=PLACEMENTS, ids=[f"nsm={p}" for p in PLACEMENTS])
+def isolation_instance(request: pytest.FixtureRequest) -> Iterator[str]:
+    with own_instance(nsm=request.param) as name:
         yield name
 
 
 @pytest.fixture
 def tenant_b(isolation_instance: str) -> Iterator[tuple[Program, int, list[int]]]:
-    with Program(TENANT_B, instance=isolation_instance) as b:
+    """Tenant B, and beside it tenant C (the same program) on the same NSM: the tests
+    watch B; C is checked at the end, as one more tenant that must see nothing."""
+    with Program(TENANT_B, instance=isolation_instance) as b, \
+            Program(TENANT_B, instance=isolation_instance) as c:
         ids = b.ask("ids")
-        until("B's echo to run", lambda: b.ask("stats")["rounds"] > 10)
+        for who, p in (("B", b), ("C", c)):
+            until(f"{who}'s echo to run", lambda p=p: p.ask("stats")["rounds"] > 10)
+        c_rounds = c.ask("stats")["rounds"]
         yield b, ids["vm"], ids["ids"]
-        final = b.ask("stats")
-        assert b.finish() == 0
-        assert final["errors"] == []
+        finals = [p.ask("stats") for p in (b, c)]
+        assert b.finish() == 0 and c.finish() == 0
+        assert finals[0]["errors"] == [] and finals[1]["errors"] == []
+        assert finals[1]["rounds"] > c_rounds  # C went on the whole time
 
 
 @pytest.fixture
@@ -448,4 +460,36 @@ def test_a_tenant_that_breaks_its_rings_is_detached_and_b_keeps_going(
               and tenant_entry(name, os.getpid()) is None)
         until("B's echo to go on", lambda: b.ask("stats")["rounds"] > rounds + 10)
         assert b.ask("stats")["errors"] == []
-        assert _nsm_pid(name) == nsm and len(status(name)["tenants"]) == 1  # B alone
+        assert _nsm_pid(name) == nsm and len(status(name)["tenants"]) == 2  # B and C
+
+
+def test_one_nsm_serves_every_tenant_and_counts_each(
+        isolation_instance: str, tenant_b: tuple[Program, int, list[int]]) -> None:
+    """Issue 6, multiplexing: B and C are served by the instance's one NSM, whose status
+    shows each tenant's own counters (SHM-7, RT-7); on the shm NSM, each one's echo
+    connection is paired in shared memory and its bytes are counted as such."""
+    b, b_vm, _b_ids = tenant_b
+    name = isolation_instance
+    with time_limit(30):
+        (nsm,) = status(name)["nsms"]
+        tenants = {t["id"] for t in status(name)["tenants"]}
+        assert len(tenants) == 2 and b_vm in tenants
+
+        def served() -> dict[str, dict[str, int]] | None:
+            """The NSM's per-tenant counters once it published both tenants'."""
+            from netkernel import instance
+            (entry,) = instance.status(name)["nsms"]
+            got: dict[str, dict[str, int]] = entry.get("served", {})
+            return got if {int(v) for v in got} >= tenants else None
+
+        rounds = b.ask("stats")["rounds"]
+        until("B's echo to go on", lambda: b.ask("stats")["rounds"] > rounds + 10)
+        counts = until("the NSM to publish both tenants", served)
+        for vm in tenants:
+            mine = counts[str(vm)]
+            assert mine["sockets"] == 3  # listener, client, server end
+            if nsm["name"] == "shm":
+                assert mine["paired"] == 2 and mine["paired_now"] == 2
+                assert mine["shm_bytes_out"] > 0 and mine["stack_bytes_out"] == 0
+            else:
+                assert mine["paired"] == 0 and mine["stack_bytes_out"] > 0
