@@ -335,6 +335,30 @@ def cmd_run(args: argparse.Namespace) -> int:
                         prog=args.prog)
 
 
+def _bench_module() -> Any:
+    """``bench.paper`` of the source checkout this package runs from, or None (installed
+    without one: the benchmarks and their C program live beside ``netkernel/``)."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "paper.py").is_file():
+        return None
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("bench.paper")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    paper = _bench_module()
+    if paper is None:
+        print(f"{args.prog}: error: needs a source checkout (bench/ beside netkernel/)",
+              file=sys.stderr)
+        return EXIT_FAIL
+    status: int = paper.run(args, prog=args.prog)
+    return status
+
+
 def _add_instance_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def impl_arg(p: argparse.ArgumentParser) -> None:
         from netkernel.instance import DEFAULT_IMPL, IMPLS
@@ -384,6 +408,11 @@ def _add_instance_commands(commands: argparse._SubParsersAction[argparse.Argumen
     impl_arg(p)
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                    help="the program and its arguments")
+
+    p = _add_command(commands, "bench", cmd_bench,
+                     "the paper's figures: direct TCP, kernel NSM, shm NSM (PNG + CSV)")
+    if (paper := _bench_module()) is not None:
+        paper.add_arguments(p)
 
     p = _add_command(commands, "down", cmd_down,
                      "stop the instance and remove its runtime directory")

@@ -1,0 +1,7 @@
+"""``python -m bench``: the paper's figures (bench/paper.py; ``--help`` for the options)."""
+
+import sys
+
+from bench.paper import main
+
+sys.exit(main())
