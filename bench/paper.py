@@ -320,7 +320,7 @@ def plan(points: Sequence[Point], cases: Sequence[Case], rounds: int) -> list[St
 
 
 def _clock(seconds: float) -> str:
-    s = int(round(seconds))
+    s = round(seconds)
     return f"{s // 60}:{s % 60:02d}"
 
 
@@ -426,8 +426,7 @@ def plot(out: Path, results: Results, points: Sequence[Point], cases: Sequence[C
                     ax.annotate("unavailable", (n, 0), ha="center", va="bottom",
                                 xytext=(0, 6), textcoords="offset points", color="#a00")
                 continue
-            got = [(x, results.samples.get((spec.name, c.key, x))) for x in xs]
-            got = [(x, s) for x, s in got if s]
+            got = [(x, s) for x in xs if (s := results.samples.get((spec.name, c.key, x)))]
             if not got:
                 missing.append(f"{c.label}: no result")
                 continue
