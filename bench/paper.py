@@ -32,6 +32,7 @@ speed: this is never a CI gate (tests/test_bench_paper.py runs it tiny).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import platform
@@ -40,6 +41,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -194,6 +196,52 @@ def nsm_bytes(case: Case) -> int:
     return pg.nsm_bytes(case.instance)
 
 
+class Pairing:
+    """How much of an NSM's payload went through shared memory (SHM-7's per-tenant
+    counters), sampled while a measurement runs: the NSM publishes the counters of the
+    tenants it maps (``nsm-<ID>.stats.json``, every 0.25 s) and drops a tenant's when it
+    detaches, so the last values seen of each tenant are kept."""
+
+    PERIOD: Final = 0.1
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self.seen: dict[tuple[int, str], dict[str, int]] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> None:
+        from netkernel import instance as inst
+        from netkernel.reference import shm
+
+        directory = shm.instance_dir(self.instance)
+        for f in directory.glob("nsm-*.stats.json"):
+            doc = inst.nsm_stats(directory, int(f.name.split("-")[1].split(".")[0]))
+            if doc is None:
+                continue
+            for vm, counters in doc.get("tenants", {}).items():
+                self.seen[(int(doc["nsm"]), vm)] = counters
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.PERIOD):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                self.sample()
+
+    def __enter__(self) -> Pairing:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def share(self) -> float | None:
+        """Bytes out through shared memory / all bytes out, or None if nothing was seen."""
+        shm_out = sum(c.get("shm_bytes_out", 0) for c in self.seen.values())
+        stack_out = sum(c.get("stack_bytes_out", 0) for c in self.seen.values())
+        return shm_out / (shm_out + stack_out) if shm_out + stack_out else None
+
+
 # -- one measurement -----------------------------------------------------------------------------
 
 
@@ -225,7 +273,8 @@ def measure(binary: Path, case: Case, point: Point, seconds: float) -> float:
     common = ["--port", str(port), "--mode", point.figure.mode, "--size", str(point.size),
               "--conns", str(point.conns)]
     before = nsm_bytes(case)
-    with pg.workdir("nkbench-") as tmp:
+    pairing = Pairing(case.instance) if case.key == "shm" and case.instance else None
+    with pg.workdir("nkbench-") as tmp, pairing or contextlib.nullcontext():
         log = tmp / "server.log"
         server = pg.Server([str(binary), "server", *common], via, log=log,
                            ready=lambda: '"ready"' in _text(log), timeout=SLACK)
@@ -262,6 +311,11 @@ def measure(binary: Path, case: Case, point: Point, seconds: float) -> float:
     if case.key == "kernel" and nsm_bytes(case) - before < client["bytes"]:
         raise BenchError(f"the kernel NSM moved {nsm_bytes(case) - before} B of the"
                          f" {client['bytes']} B: the traffic did not go through NetKernel")
+    # The shm NSM must have carried the connection in shared memory (SHM-2), not TCP.
+    share = pairing.share() if pairing is not None else None
+    if share is not None and share < 0.5:
+        raise BenchError(f"only {100 * share:.0f}% of the bytes went through shared memory:"
+                         " the connection was not paired (spec/shm.md SHM-2)")
     if point.figure.mode == "rr":
         return float(client["count"]) / float(client["seconds"])
     return float(client["bytes"]) / float(client["seconds"]) / 1e6
