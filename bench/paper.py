@@ -1,7 +1,7 @@
 """The paper's figures on this machine: direct kernel TCP, kernel NSM and shm NSM side by side.
 
-    python -m bench                       # ~8 min: 3 figures, 3 alternated rounds of 2 s points
-    python -m bench --quick               # ~1 min: 1 round of 1 s points, fewer sizes
+    python -m bench                       # ~5 min: 3 figures, 3 alternated rounds of 2 s points
+    python -m bench --quick               # ~30 s: 1 round of 1 s points, fewer sizes
     python -m bench --only rr --cases direct,shm --out /tmp/rr
     netkernel bench ...                   # the same
 
