@@ -237,7 +237,7 @@ def pair(server: Raw, client: Raw, family: int = AF_INET) -> tuple[int, int, int
 def test_the_placement_decides_whether_tenants_pair(shm_nsm: Launcher,
                                                     nk_runtime: Runtime) -> None:
     """kernel never pairs; auto and shm pair the same connection; every NSM's stats file
-    names its placement."""
+    names its placement, and is gone once the NSM exited."""
     for placement, paired in (("kernel", 0), ("auto", 1), ("shm", 1)):
         with own_instance(nk_runtime, variant(shm_nsm, placement)) as inst, \
                 RawTenant(inst.dir) as ta, RawTenant(inst.dir) as tb:
@@ -251,6 +251,11 @@ def test_the_placement_decides_whether_tenants_pair(shm_nsm: Launcher,
             assert {k: got[k] for k in want} == want, (placement, got)
             if not paired:
                 assert got["stack_bytes_out"] >= 4
+            (entry,) = inst.status()["nsms"]
+            path = inst.dir / f"nsm-{entry['id']}.stats.json"
+            assert path.exists()
+            assert inst.nsms[0].stop() == 0
+            assert not path.exists(), "the stats file outlived its NSM"
 
 
 @pytest.mark.req("SHM-1", "SHM-3")
@@ -580,7 +585,7 @@ def transfer_tail(tx: Raw, ts: int, rx: Raw, rs: int, data: bytes, off: int,
         time.sleep(0.0005)
 
 
-# -- SHM-8, SHM-9: ends -----------------------------------------------------------------------------
+# -- SHM-8, SHM-9: ends ---------------------------------------------------------------------------
 
 
 @pytest.mark.req("SHM-8")

@@ -1826,6 +1826,11 @@ static void nk_nsm_pair_unlink(struct nk_nsm *n, struct nk_nsm_sock *s)
 	if (!s->paired)
 		return;
 	nk_nsm_tc_sub(n, s->vm_id, paired_now, 1); /* SHM-7 */
+	struct linger lg = { 0, 0 };
+	socklen_t lglen = sizeof(lg);
+	if (getsockopt(s->fd, SOL_SOCKET, SO_LINGER, &lg, &lglen) == 0 && lg.l_onoff &&
+	    lg.l_linger == 0)
+		s->close_abort = true; /* SO_LINGER {on, 0}: close(2) resets, as Linux's */
 	struct nk_nsm_sock *l = s->pend_listener;
 	if (l) {
 		for (uint32_t i = 0; i < l->backlog.len; i++) {
