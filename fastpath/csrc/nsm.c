@@ -331,6 +331,7 @@ struct nk_nsm_sock {
 	/* On-host pairing (spec/shm.md). A paired end's fd is an unconnected TCP socket that
 	 * only holds its options (and, for the client, its bound port): it is never in epoll
 	 * (it would report EPOLLOUT|EPOLLHUP at once), its bytes go to `peer` in memory. */
+	bool connect_failed;     /* a Linux connect failed; the next connect() collects it */
 	bool paired;
 	bool is_client;          /* paired by its CONNECT (not by an ACCEPT) */
 	bool in_listeners;       /* in n->listeners (a listening TCP socket, placement != KERNEL) */
@@ -1212,6 +1213,7 @@ static void nk_nsm_connect(struct nk_nsm *n, const struct nk_nsm_call *call,
 	}
 	if (nk_nsm_pair_connect(n, call, s, addr, call->nqe.size))
 		return; /* SHM-2: paired, or refused (SHM-1) */
+	s->connect_failed = false; /* connect() collects a failed one (sock_error) */
 	int64_t rc = nk_nsm_rc(connect(s->fd, (struct sockaddr *)addr, call->nqe.size));
 	if (rc == -EINPROGRESS && s->stream) {
 		s->connect = *call;
@@ -1540,8 +1542,9 @@ static bool nk_nsm_pair_connect(struct nk_nsm *n, const struct nk_nsm_call *call
 				struct nk_nsm_sock *s, const char *addr, uint32_t len)
 {
 	if (n->placement == NK_PLACE_KERNEL || !s->stream || s->paired || s->listening ||
-	    s->reading || s->has_connect || !addr || len < sizeof(sa_family_t))
-		return false;
+	    s->reading || s->has_connect || s->connect_failed || !addr ||
+	    len < sizeof(sa_family_t))
+		return false; /* Linux's connect() answers (a failed one: it collects the error) */
 	struct sockaddr_storage dest;
 	memset(&dest, 0, sizeof(dest));
 	sa_family_t family;
@@ -2017,6 +2020,7 @@ static void nk_nsm_writable(struct nk_nsm *n, struct nk_nsm_sock *s)
 		struct nk_nsm_call call = s->connect;
 		s->has_connect = false;
 		int64_t err = nk_nsm_pending_error(s->fd); /* NSM-4: as SO_ERROR reads it */
+		s->connect_failed = err != 0;
 		if (err)
 			nk_nsm_reply(n, &call, err);
 		else
