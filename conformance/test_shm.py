@@ -699,3 +699,27 @@ def test_a_detached_tenants_paired_ends_close_their_peers(inst: Instance, b: Raw
     for sock in (c, queued, theirs, mine):
         assert b.close(sock) == 0
     del lst, s, lst2, out
+
+
+@pytest.mark.req("SHM-2", "NSM-4")
+def test_a_connect_that_collects_a_failed_one_is_linuxs(inst: Instance, a: Raw, b: Raw) -> None:
+    """After a refused connect, Linux's next connect() collects the failure (ECONNABORTED,
+    the socket disconnected), even to a listening address; only the one after pairs."""
+    lst, port = a.listener()
+    with socket.socket() as probe:
+        probe.bind((LOOP, 0))
+        closed = probe.getsockname()[1]
+    with socket.socket() as linux:  # the oracle
+        linux.setblocking(False)
+        assert linux.connect_ex((LOOP, closed)) == errno.EINPROGRESS
+        time.sleep(0.1)
+        assert linux.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED
+        assert linux.connect_ex((LOOP, port)) == errno.ECONNABORTED
+    c = b.socket()
+    assert b.t.do(Op.CONNECT, c, data=sa4(LOOP, closed)) == -errno.ECONNREFUSED
+    assert b.t.do(Op.CONNECT, c, data=sa4(LOOP, port)) == -errno.ECONNABORTED
+    assert b.t.do(Op.CONNECT, c, data=sa4(LOOP, port)) == 0
+    s, _ = a.accept(lst)
+    counters_reach(inst, b.vm, paired=1)
+    for raw, sock in ((a, s), (a, lst), (b, c)):
+        assert raw.close(sock) == 0
