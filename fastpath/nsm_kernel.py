@@ -83,6 +83,8 @@ def main(argv: Sequence[str] | None = None, *, placement: str = "kernel",
         pre.add_argument("--placement", choices=list(placements), default=placement)
         known, argv = pre.parse_known_args(argv)
         placement = known.placement
+        default = pre.get_default("placement")
+        description += f" (--placement {'|'.join(placements)}: default {default})"
     args = ref_nsm.start(["--name", name, *argv], prog=prog, description=description)
     # Signals: Python's C-level handler writes the wakeup fd at once, even while the
     # loop runs in C without the GIL; the loop stops when it becomes readable.
