@@ -18,6 +18,9 @@ import json
 import os
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -121,6 +124,13 @@ def _read(path: Any) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc
+
+
+def rejected(inst: Instance) -> int:
+    """What the CoreEngine dropped of the NSM's outputs (CE-11, CE-12): an event of a
+    socket it does not know yet or any more, a reply no call asked for."""
+    (entry,) = inst.status()["nsms"]
+    return int(entry["counters"]["rejected"])
 
 
 def counters(inst: Instance, vm: int) -> dict[str, int]:
@@ -341,6 +351,7 @@ def test_tenants_connection_is_paired_and_carries_data_both_ways(inst: Instance,
                                                                  family: int) -> None:
     """A tenant connects to another's listener: paired (counters), every byte arrives once
     and in order both ways (sha256), counted as shm bytes and not as stack bytes."""
+    dropped = rejected(inst)
     lst, s, c = pair(a, b, family)
     up, down = os.urandom(1_500_000), os.urandom(600_000)
     assert digest(transfer(b, c, a, s, up)) == digest(up)
@@ -352,6 +363,7 @@ def test_tenants_connection_is_paired_and_carries_data_both_ways(inst: Instance,
         assert raw.close(sock) == 0
     counters_reach(inst, a.vm, paired=1, paired_now=0, sockets=0)
     counters_reach(inst, b.vm, paired=1, paired_now=0, sockets=0)
+    assert rejected(inst) == dropped, "the CoreEngine dropped outputs of the NSM (NSM-17)"
 
 
 @pytest.mark.req("SHM-2")
@@ -689,6 +701,7 @@ def test_a_detached_tenants_paired_ends_close_their_peers(inst: Instance, b: Raw
     mine, other_port = b.listener()
     out = x.connect(other_port)
     theirs, _ = b.accept(mine)
+    dropped = rejected(inst)
     gone = time.monotonic()
     t.close()
     assert b.t.event(of(c), 1.0).op == Op.EV_FIN
@@ -698,6 +711,8 @@ def test_a_detached_tenants_paired_ends_close_their_peers(inst: Instance, b: Raw
     assert time.monotonic() - gone < 1.0
     for sock in (c, queued, theirs, mine):
         assert b.close(sock) == 0
+    time.sleep(0.05)
+    assert rejected(inst) == dropped, "events of a tenant that is gone (NSM-12)"
     del lst, s, lst2, out
 
 
@@ -723,3 +738,60 @@ def test_a_connect_that_collects_a_failed_one_is_linuxs(inst: Instance, a: Raw, 
     counters_reach(inst, b.vm, paired=1)
     for raw, sock in ((a, s), (a, lst), (b, c)):
         assert raw.close(sock) == 0
+
+
+# -- through GuestLib -----------------------------------------------------------------------------
+
+
+@pytest.mark.req("SHM-2", "SHM-5", "SHM-8", "SHM-7")
+def test_two_guestlib_processes_talk_over_a_paired_connection(
+        inst: Instance, guestlib: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes, two tenants, the target's GuestLib: 8 MiB each way through a paired
+    connection (sha256), the end of stream after the data, counted as shm bytes."""
+    monkeypatch.setenv("NETKERNEL_INSTANCE", inst.name)
+    size = 8 << 20
+    data = os.urandom(1 << 20) * 8
+    with guestlib.create_server((LOOP, 0)) as srv:
+        srv.settimeout(10)
+        port = srv.getsockname()[1]
+        (entry,) = [t for t in inst.status()["tenants"] if t["pid"] == os.getpid()
+                    and not str(t["name"]).startswith(("shm-", "conformance-"))]
+        vm = int(entry["id"])  # this process's GuestLib device: the server's tenant
+        before = counters(inst, vm)
+        code = f"import importlib\ngl = importlib.import_module({guestlib.__name__!r})\n"
+        code += textwrap.dedent(f"""
+            import hashlib, socket, sys
+            data = sys.stdin.buffer.read()
+            c = gl.create_connection(("{LOOP}", {port}), timeout=20)
+            c.sendall(data)
+            c.shutdown(socket.SHUT_WR)
+            got, n = hashlib.sha256(), 0
+            while chunk := c.recv(1 << 16):
+                got.update(chunk)
+                n += len(chunk)
+            c.close()
+            print(n, got.hexdigest())
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=False,
+                                env=dict(os.environ, NETKERNEL_INSTANCE=inst.name))
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(data)
+        proc.stdin.close()
+        s, _ = srv.accept()
+        with s:
+            s.settimeout(20)
+            got = bytearray()
+            while chunk := s.recv(1 << 20):
+                got += chunk
+            assert len(got) == size and digest(bytes(got)) == digest(data)
+            s.sendall(bytes(got))
+        out = proc.stdout.read().decode().split()
+        assert proc.wait(20) == 0
+    assert out == [str(size), digest(data)]
+
+    def grew() -> bool:
+        now = counters(inst, vm)
+        return (now.get("shm_bytes_in", 0) - before.get("shm_bytes_in", 0) >= size
+                and now.get("shm_bytes_out", 0) - before.get("shm_bytes_out", 0) >= size)
+    wait_until("the tenant's shm byte counters grew", grew, 5.0, 0.05)
