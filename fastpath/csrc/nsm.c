@@ -290,7 +290,8 @@ struct nk_nsm_sock;
 
 /* A connection waiting in a listener's accept queue: a Linux one (fd >= 0), or a
  * paired one (fd -1, spec/shm.md SHM-3) whose client is `client`, or NULL once the
- * client closed before the ACCEPT (`gone`: what the server then sees, EV_FIN or a reset). */
+ * client closed before the ACCEPT (the server then starts with EV_FIN, or with a reset
+ * when `gone_reset`). */
 struct nk_nsm_pending_conn {
 	int fd;
 	uint32_t len;
