@@ -369,7 +369,7 @@ def test_tenants_connection_is_paired_and_carries_data_both_ways(inst: Instance,
 @pytest.mark.req("SHM-2")
 def test_a_tenant_pairs_with_its_own_listener_and_a_wildcard_one(inst: Instance, a: Raw) -> None:
     """The caller's own tenant counts; a listener on the wildcard address is found by a
-    CONNECT to loopback, as TCP's would be."""
+    CONNECT to loopback, as TCP's would be, and not by one to another host's address."""
     lst, s, c = pair(a, a)
     wild = a.socket()
     assert a.t.do(Op.BIND, wild, data=sa4("0.0.0.0", 0)) == 0
@@ -380,6 +380,17 @@ def test_a_tenant_pairs_with_its_own_listener_and_a_wildcard_one(inst: Instance,
         assert a.send(x, b"self") == 4
         assert a.recv(y, 4) == (b"self", False)
     counters_reach(inst, a.vm, paired=4, paired_now=4, shm_bytes_out=8, shm_bytes_in=8)
+    # the same port at an address that is not the host's: TCP's business, never paired
+    far = a.socket()
+    key = a.t.post(Op.CONNECT, far, data=sa4("192.0.2.1", a.name(wild)[1]))
+    time.sleep(0.3)
+    if a.t.has_reply(*key):
+        assert a.t.reply(*key).result < 0  # unreachable, as TCP finds
+        assert a.close(far) == 0
+    else:
+        assert a.close(far) == 0
+        assert a.t.reply(*key).result == -errno.EBADF  # NSM-8: the SYN was still out
+    assert counters(inst, a.vm)["paired"] == 4
     for sock in (s, c, lst, s2, c2, wild):
         assert a.close(sock) == 0
 
