@@ -36,8 +36,21 @@ NOT_APPLICABLE = {
 }
 
 
+#: ``--target fastpath-shm``: the shm NSM (spec/shm.md), pairing with placement auto.
+SHM_NSM = Launcher(("{python}", "-m", "netkernel.fastpath.nsm_shm", "--placement", "auto",
+                    "--instance", "{instance}"))
+
+
 def target() -> Target:
     roles: dict[str, Any] = {role: importlib.import_module(name) for role, name in MODULES.items()}
     roles["coreengine"] = WithProcess(roles["coreengine"], PROCESSES["coreengine"])
     roles["nsm"] = PROCESSES["nsm"]
     return Target("fastpath", roles, frozenset({"FUTEX_BELLS"}), dict(NOT_APPLICABLE))
+
+
+def shm_target() -> Target:
+    """The fast path with the shm NSM: every conformance test, plus SHM-* (SHM_PAIRING)."""
+    base = target()
+    roles = dict(base.roles, nsm=SHM_NSM)
+    return Target("fastpath-shm", roles, base.features | {"SHM_PAIRING"},
+                  dict(base.not_applicable))

@@ -286,10 +286,20 @@ struct nk_nsm_send {
 	int flags;
 };
 
+struct nk_nsm_sock;
+
+/* A connection waiting in a listener's accept queue: a Linux one (fd >= 0), or a
+ * paired one (fd -1, spec/shm.md SHM-3) whose client is `client`, or NULL once the
+ * client closed before the ACCEPT (the server then starts with EV_FIN, or with a reset
+ * when `gone_reset`). */
 struct nk_nsm_pending_conn {
 	int fd;
 	uint32_t len;
-	uint8_t addr[NK_NSM_SOCKADDR_MAX];
+	uint8_t addr[NK_NSM_SOCKADDR_MAX];  /* the client's address: ACCEPT's answer */
+	struct nk_nsm_sock *client;          /* paired: the client, while it is open */
+	uint32_t dest_len;
+	uint8_t dest[NK_NSM_SOCKADDR_MAX];  /* paired: the address the client connected to */
+	bool gone_reset;                     /* paired, client closed: abortively */
 };
 
 struct nk_nsm_sock {
@@ -319,6 +329,25 @@ struct nk_nsm_sock {
 	struct nk_nsm_q sendq;   /* struct nk_nsm_send */
 	uint64_t rx_bytes;       /* receive buffers the tenant holds from this socket */
 	uint32_t mask;           /* the epoll interest registered now */
+	/* On-host pairing (spec/shm.md). A paired end's fd is an unconnected TCP socket that
+	 * only holds its options (and, for the client, its bound port): it is never in epoll
+	 * (it would report EPOLLOUT|EPOLLHUP at once), its bytes go to `peer` in memory. */
+	bool connect_failed;     /* a Linux connect failed; the next connect() collects it */
+	bool paired;
+	bool is_client;          /* paired by its CONNECT (not by an ACCEPT) */
+	bool in_listeners;       /* in n->listeners (a listening TCP socket, placement != KERNEL) */
+	bool close_abort;        /* the CLOSE being executed has ABORT: the peer sees a reset */
+	bool wr_done;            /* this end's FIN was given to the peer (SHUT_WR done) */
+	bool rx_done;            /* nothing more arrives here: later bytes for it are dropped */
+	bool want_fin, fin_given;     /* EV_FIN to give (once its gate is open) / given */
+	bool want_reset, reset_given; /* EV_ERROR ECONNRESET to give / given */
+	uint8_t connects;        /* CONNECTs after the pairing one: the first is 0, then EISCONN */
+	int backlog_max;         /* listen()'s backlog, clamped: Linux's queue holds it + 1 */
+	struct nk_nsm_sock *peer;          /* the other end, while both are open */
+	struct nk_nsm_sock *pend_listener; /* client: the listener whose accept queue holds it */
+	struct nk_nsm_sock *lnext;         /* n->listeners chain */
+	uint32_t local_len, remote_len;
+	struct sockaddr_storage local, remote; /* a paired end's names (SHM-4) */
 };
 
 struct nk_nsm_tenant {
@@ -360,6 +389,8 @@ struct nk_nsm {
 	struct nk_nsm_sock *dead;
 	struct nk_nsm_q held;  /* struct nk_nsm_held: replies waiting for a ticket */
 	struct nk_nsm_q gated; /* struct nk_nsm_sock * */
+	struct nk_nsm_sock *listeners; /* listening TCP sockets a CONNECT may pair with (SHM-2) */
+	struct nk_nsm_q kicks; /* struct nk_nsm_sock *: paired receivers a BUF_RETURN made room for */
 	uint32_t rx_chunk;
 	uint64_t rx_cap;
 	uint8_t scratch[NK_NSM_SOCKADDR_MAX];
@@ -650,7 +681,7 @@ static void nk_nsm_close_fd(int fd)
  */
 static void nk_nsm_update(struct nk_nsm *n, struct nk_nsm_sock *s)
 {
-	if (s->closed)
+	if (s->closed || s->paired) /* a paired end's fd is never in epoll (SHM-5) */
 		return;
 	bool read = (s->listening && !s->accept_stalled &&
 		     (s->accepts.len || (int)s->backlog.len < s->backlog_cap)) ||
@@ -669,10 +700,16 @@ static void nk_nsm_update(struct nk_nsm *n, struct nk_nsm_sock *s)
 	s->mask = mask;
 }
 
-static void nk_nsm_drop_backlog(struct nk_nsm_sock *s)
+static void nk_nsm_pair_orphan(struct nk_nsm *n, struct nk_nsm_sock *c);
+
+static void nk_nsm_drop_backlog(struct nk_nsm *n, struct nk_nsm_sock *s)
 {
 	while (s->backlog.len) {
-		nk_nsm_close_fd(((struct nk_nsm_pending_conn *)q_at(&s->backlog, 0))->fd);
+		struct nk_nsm_pending_conn *c = q_at(&s->backlog, 0);
+		if (c->fd >= 0)
+			nk_nsm_close_fd(c->fd);
+		else if (c->client)
+			nk_nsm_pair_orphan(n, c->client); /* SHM-9: its client is reset */
 		q_pop(&s->backlog, 1);
 	}
 }
@@ -692,6 +729,25 @@ static void nk_nsm_unstarve(struct nk_nsm *n, struct nk_nsm_sock *s)
 	}
 	s->starved = false;
 }
+
+/* BUF-7: no buffer (or the cap): stop reading until a BUF_RETURN. */
+static bool nk_nsm_pause(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	s->paused = true;
+	struct nk_nsm_tenant *t = n->tenants[s->vm_id];
+	if (!s->starved && t) {
+		q_push(&t->starved, &s);
+		s->starved = true;
+	}
+	return false;
+}
+
+static uint64_t nk_nsm_min(uint64_t a, uint64_t b)
+{
+	return a < b ? a : b;
+}
+
+static void nk_nsm_pair_unlink(struct nk_nsm *n, struct nk_nsm_sock *s);
 
 /* Close s; with reason != 0 its pending calls are answered with it (NSM-8). */
 static void nk_nsm_destroy(struct nk_nsm *n, struct nk_nsm_sock *s, int64_t reason)
@@ -714,7 +770,8 @@ static void nk_nsm_destroy(struct nk_nsm *n, struct nk_nsm_sock *s, int64_t reas
 	s->has_connect = false;
 	q_free(&s->accepts);
 	q_free(&s->sendq);
-	nk_nsm_drop_backlog(s);
+	nk_nsm_pair_unlink(n, s); /* SHM-8, SHM-9: the peer sees the end; no pointer dangles */
+	nk_nsm_drop_backlog(n, s);
 	q_free(&s->backlog);
 	nk_nsm_remove(n, s);
 	nk_nsm_unstarve(n, s);
@@ -800,6 +857,13 @@ static int nk_nsm_check_header(const void *map, uint64_t len, struct nk_geometry
  */
 static void nk_nsm_serve_accepts(struct nk_nsm *n, struct nk_nsm_sock *s);
 static void nk_nsm_tenant_unmapped(struct nk_nsm *n, uint8_t vm);
+static void nk_nsm_pair_kicks(struct nk_nsm *n);
+static void nk_nsm_pair_opened(struct nk_nsm *n, struct nk_nsm_sock *s);
+static void nk_nsm_take(struct nk_nsm *n, struct nk_nsm_sock *listener,
+			const struct nk_nsm_call *call, char *addr, uint32_t size);
+static bool nk_nsm_pair_connect(struct nk_nsm *n, const struct nk_nsm_call *call,
+				struct nk_nsm_sock *s, const char *addr, uint32_t len);
+static void nk_nsm_pair_listen(struct nk_nsm *n, struct nk_nsm_sock *s);
 
 /* ---------------------------------------------------------------------------------------
  * Control ops (ServiceLib._tenant_map, _tenant_unmap, _buf_return).
@@ -957,12 +1021,15 @@ static void nk_nsm_buf_return(struct nk_nsm *n, const struct nk_nsm_call *call)
 		if (s->rx_bytes < cap) {
 			nk_nsm_unstarve(n, s);
 			s->paused = false;
+			if (s->paired) /* SHM-6: its peer's SENDs go on, after this loop */
+				q_push(&n->kicks, &s);
 			nk_nsm_update(n, s);
 			i = 0; /* unstarve moved an element into a slot we may have passed */
 			continue;
 		}
 		i++;
 	}
+	nk_nsm_pair_kicks(n);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -1035,6 +1102,8 @@ static void nk_nsm_open_gates(struct nk_nsm *n)
 			continue;
 		if (nk_nsm_consumed(n, s->gate)) {
 			s->gated = false;
+			if (s->paired)
+				nk_nsm_pair_opened(n, s); /* SHM-5: its peer's SENDs may go on */
 			nk_nsm_update(n, s);
 		} else {
 			q_push(&n->gated, &s);
@@ -1091,11 +1160,7 @@ static void nk_nsm_accept(struct nk_nsm *n, const struct nk_nsm_call *call,
 		return;
 	}
 	if (s->backlog.len) {
-		struct nk_nsm_pending_conn c = *(struct nk_nsm_pending_conn *)q_at(&s->backlog, 0);
-		q_pop(&s->backlog, 1);
-		if (addr)
-			memcpy(addr, c.addr, c.len < q->size ? c.len : q->size);
-		nk_nsm_connection(n, s, call, c.fd, addr ? c.len : 0); /* NSM-7: no buffer, 0 */
+		nk_nsm_take(n, s, call, addr, q->size);
 		nk_nsm_update(n, s);
 		return;
 	}
@@ -1130,6 +1195,9 @@ static void nk_nsm_listen(struct nk_nsm *n, const struct nk_nsm_call *call,
 		s->listening = true;
 		s->backlog_cap = backlog < 1 ? 1 : backlog > NK_NSM_MAX_BACKLOG ? NK_NSM_MAX_BACKLOG
 										    : backlog;
+		s->backlog_max = backlog < 0 ? 0 : backlog > NK_NSM_MAX_BACKLOG ? NK_NSM_MAX_BACKLOG
+										   : backlog;
+		nk_nsm_pair_listen(n, s);
 		nk_nsm_update(n, s);
 	}
 	nk_nsm_reply(n, call, rc);
@@ -1144,6 +1212,9 @@ static void nk_nsm_connect(struct nk_nsm *n, const struct nk_nsm_call *call,
 		nk_nsm_reply(n, call, -EFAULT);
 		return;
 	}
+	if (nk_nsm_pair_connect(n, call, s, addr, call->nqe.size))
+		return; /* SHM-2: paired, or refused (SHM-1) */
+	s->connect_failed = false; /* connect() collects a failed one (sock_error) */
 	int64_t rc = nk_nsm_rc(connect(s->fd, (struct sockaddr *)addr, call->nqe.size));
 	if (rc == -EINPROGRESS && s->stream) {
 		s->connect = *call;
@@ -1240,7 +1311,7 @@ static void nk_nsm_shutdown(struct nk_nsm *n, const struct nk_nsm_call *call,
 	if (rc == 0 && s->listening && how != SHUT_WR) {
 		/* Linux stops listening: queued connections are dropped, accept() fails EINVAL */
 		s->listening = false;
-		nk_nsm_drop_backlog(s);
+		nk_nsm_drop_backlog(n, s);
 		nk_nsm_serve_accepts(n, s);
 		nk_nsm_update(n, s);
 	}
@@ -1256,6 +1327,7 @@ static void nk_nsm_close(struct nk_nsm *n, const struct nk_nsm_call *call,
 	if (s->stream && (call->nqe.op_data & NK_CLOSE_ABORT)) {
 		struct linger l = { 1, 0 };
 		setsockopt(s->fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+		s->close_abort = true; /* SHM-9: a paired peer is reset */
 	}
 	uint8_t qset = s->qset;
 	nk_nsm_destroy(n, s, -EBADF);
@@ -1342,6 +1414,572 @@ static nk_nsm_handler nk_nsm_handler_of(uint8_t op)
 	}
 }
 
+/* ---------------------------------------------------------------------------------------
+ * On-host pairing (spec/shm.md): a TCP connection between two tenants of this NSM is
+ * carried in memory. The listener stays a Linux listening socket; its accept queue
+ * (s->backlog) holds Linux connections and paired ones in one FIFO. A paired end's
+ * SENDs are copied from its tenant's send half into buffers of the peer tenant's
+ * receive slice (the one copy, SHM-5), while its fd only holds options and names.
+ */
+static void nk_nsm_pair_push(struct nk_nsm *n, struct nk_nsm_sock *s);
+
+static bool nk_nsm_is_loopback(const struct sockaddr_storage *a)
+{
+	if (a->ss_family == AF_INET)
+		return (ntohl(((const struct sockaddr_in *)a)->sin_addr.s_addr) >> 24) == 127;
+	return IN6_IS_ADDR_LOOPBACK(&((const struct sockaddr_in6 *)a)->sin6_addr);
+}
+
+static bool nk_nsm_is_any(const struct sockaddr_storage *a)
+{
+	if (a->ss_family == AF_INET)
+		return ((const struct sockaddr_in *)a)->sin_addr.s_addr == htonl(INADDR_ANY);
+	return IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)a)->sin6_addr);
+}
+
+static uint16_t nk_nsm_port(const struct sockaddr_storage *a)
+{
+	return a->ss_family == AF_INET ? ((const struct sockaddr_in *)a)->sin_port
+				       : ((const struct sockaddr_in6 *)a)->sin6_port;
+}
+
+static bool nk_nsm_same_ip(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+	if (a->ss_family != b->ss_family)
+		return false;
+	if (a->ss_family == AF_INET)
+		return ((const struct sockaddr_in *)a)->sin_addr.s_addr ==
+		       ((const struct sockaddr_in *)b)->sin_addr.s_addr;
+	return !memcmp(&((const struct sockaddr_in6 *)a)->sin6_addr,
+		       &((const struct sockaddr_in6 *)b)->sin6_addr, sizeof(struct in6_addr));
+}
+
+static socklen_t nk_nsm_sa_len(int family)
+{
+	return family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
+}
+
+/* SHM-2: the address is one of the host's own: loopback, or one a socket can bind to. */
+static bool nk_nsm_is_local(const struct sockaddr_storage *dest)
+{
+	if (nk_nsm_is_loopback(dest))
+		return true;
+	struct sockaddr_storage a = *dest;
+	if (a.ss_family == AF_INET)
+		((struct sockaddr_in *)&a)->sin_port = 0;
+	else
+		((struct sockaddr_in6 *)&a)->sin6_port = 0;
+	int fd = socket(a.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return false;
+	bool local = bind(fd, (struct sockaddr *)&a, nk_nsm_sa_len(a.ss_family)) == 0;
+	close(fd);
+	return local;
+}
+
+/* At LISTEN: remember the listener and its address, for CONNECTs to find (SHM-2). */
+static void nk_nsm_pair_listen(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	if (n->placement == NK_PLACE_KERNEL || !s->stream)
+		return;
+	socklen_t len = sizeof(s->local);
+	if (getsockname(s->fd, (struct sockaddr *)&s->local, &len) < 0)
+		return;
+	s->local_len = len;
+	if (!s->in_listeners) {
+		s->lnext = n->listeners;
+		n->listeners = s;
+		s->in_listeners = true;
+	}
+}
+
+/* A tenant's socket listening at dest (same family and port, its address or the wildcard). */
+static struct nk_nsm_sock *nk_nsm_pair_find(struct nk_nsm *n, const struct sockaddr_storage *dest)
+{
+	for (struct nk_nsm_sock *l = n->listeners; l; l = l->lnext) {
+		if (!l->listening || l->closed || l->local.ss_family != dest->ss_family ||
+		    nk_nsm_port(&l->local) != nk_nsm_port(dest))
+			continue;
+		if (nk_nsm_is_any(&l->local) || nk_nsm_same_ip(&l->local, dest))
+			return l;
+	}
+	return NULL;
+}
+
+/* The client's Linux connect() would bind it: to a free ephemeral port on the address it
+ * connects to when it has no port yet (SHM-3); its name is then the one Linux gives. */
+static int nk_nsm_pair_bind(struct nk_nsm_sock *s, const struct sockaddr_storage *dest)
+{
+	socklen_t len = sizeof(s->local);
+	if (getsockname(s->fd, (struct sockaddr *)&s->local, &len) < 0)
+		return -errno;
+	if (nk_nsm_port(&s->local) == 0) {
+		struct sockaddr_storage a = *dest;
+		if (a.ss_family == AF_INET)
+			((struct sockaddr_in *)&a)->sin_port = 0;
+		else
+			((struct sockaddr_in6 *)&a)->sin6_port = 0;
+		if (bind(s->fd, (struct sockaddr *)&a, nk_nsm_sa_len(a.ss_family)) < 0)
+			return errno == EADDRINUSE ? -EADDRNOTAVAIL : -errno;
+		len = sizeof(s->local);
+		if (getsockname(s->fd, (struct sockaddr *)&s->local, &len) < 0)
+			return -errno;
+	}
+	if (nk_nsm_is_any(&s->local)) { /* bound to the wildcard: the source is dest's address */
+		if (s->local.ss_family == AF_INET)
+			((struct sockaddr_in *)&s->local)->sin_addr =
+				((const struct sockaddr_in *)dest)->sin_addr;
+		else
+			((struct sockaddr_in6 *)&s->local)->sin6_addr =
+				((const struct sockaddr_in6 *)dest)->sin6_addr;
+	}
+	s->local_len = len;
+	return 0;
+}
+
+/* SHM-2, SHM-3: pair a TCP CONNECT with a tenant's listener. False: not for pairing, the
+ * caller connects over Linux TCP; true: answered (0, or -errno). */
+static bool nk_nsm_pair_connect(struct nk_nsm *n, const struct nk_nsm_call *call,
+				struct nk_nsm_sock *s, const char *addr, uint32_t len)
+{
+	if (n->placement == NK_PLACE_KERNEL || !s->stream || s->paired || s->listening ||
+	    s->reading || s->has_connect || s->connect_failed || !addr ||
+	    len < sizeof(sa_family_t))
+		return false; /* Linux's connect() answers (a failed one: it collects the error) */
+	struct sockaddr_storage dest;
+	memset(&dest, 0, sizeof(dest));
+	sa_family_t family;
+	memcpy(&family, addr, sizeof(family));
+	if ((int)family != s->family || len < nk_nsm_sa_len(family))
+		return false; /* Linux decides: EAFNOSUPPORT, EINVAL, ... */
+	if (family == AF_INET) {
+		struct sockaddr_in *d = (struct sockaddr_in *)&dest;
+		memcpy(d, addr, sizeof(*d));
+		memset(d->sin_zero, 0, sizeof(d->sin_zero));
+	} else {
+		struct sockaddr_in6 *d = (struct sockaddr_in6 *)&dest;
+		memcpy(d, addr, sizeof(*d));
+		d->sin6_flowinfo = 0;
+		if (IN6_IS_ADDR_V4MAPPED(&d->sin6_addr))
+			return false; /* SHM-2 variation: to a dual-stack listener over TCP */
+	}
+	if (nk_nsm_port(&dest) == 0 || nk_nsm_is_any(&dest))
+		return false;
+	struct nk_nsm_sock *l = nk_nsm_pair_find(n, &dest);
+	if (!l || !nk_nsm_is_local(&dest))
+		return false; /* SHM-1: a peer that is not our tenant's is reached over TCP */
+	struct sockaddr_storage peer;
+	socklen_t plen = sizeof(peer);
+	if (getpeername(s->fd, (struct sockaddr *)&peer, &plen) == 0 || errno != ENOTCONN)
+		return false; /* connected over TCP before: Linux answers (EISCONN) */
+	nk_nsm_serve_accepts(n, l); /* Linux connections that came first stay first (SHM-3) */
+	if (!l->listening || (int)l->backlog.len >= l->backlog_max + 1) {
+		if (n->placement == NK_PLACE_AUTO)
+			return false; /* SHM-1: auto goes over TCP */
+		nk_nsm_reply(n, call, -ECONNREFUSED);
+		return true;
+	}
+	int64_t err = nk_nsm_pair_bind(s, &dest);
+	if (err) {
+		nk_nsm_reply(n, call, err);
+		return true;
+	}
+	s->remote = dest;
+	s->remote_len = nk_nsm_sa_len(family);
+	s->paired = true;
+	s->is_client = true;
+	s->connects = 0;
+	if (s->mask) { /* never in epoll from now on */
+		epoll_ctl(n->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+		s->mask = 0;
+	}
+	nk_nsm_tc_add(n, s->vm_id, paired, 1); /* SHM-7 */
+	nk_nsm_tc_add(n, s->vm_id, paired_now, 1);
+	/* SHM-3: answered at once; its events follow the reply (NSM-17) */
+	nk_nsm_start_reading(n, s, nk_nsm_reply(n, call, 0));
+	struct nk_nsm_pending_conn c = { .fd = -1, .len = s->local_len, .client = s,
+					 .dest_len = s->remote_len };
+	memcpy(c.addr, &s->local, s->local_len);
+	memcpy(c.dest, &s->remote, s->remote_len);
+	s->pend_listener = l;
+	q_push(&l->backlog, &c);
+	if (l->accepts.len)
+		nk_nsm_serve_accepts(n, l); /* a waiting ACCEPT takes it (NSM-7) */
+	else
+		nk_nsm_event(n, l, NK_OP_EV_ACCEPTABLE, l->backlog.len, 0, 0); /* NSM-15 */
+	return true;
+}
+
+/* SHM-4: the server starts with the listener's options, as an accepted TCP socket does:
+ * each option the listener holds with a value other than a fresh socket's is copied. */
+static void nk_nsm_pair_inherit(const struct nk_nsm_sock *l, int fd)
+{
+	static const int opts[][2] = {
+		{ SOL_SOCKET, SO_REUSEADDR }, { SOL_SOCKET, SO_KEEPALIVE },
+		{ SOL_SOCKET, SO_LINGER }, { SOL_SOCKET, SO_RCVBUF }, { SOL_SOCKET, SO_SNDBUF },
+		{ SOL_SOCKET, SO_OOBINLINE }, { SOL_SOCKET, SO_PRIORITY },
+		{ SOL_SOCKET, SO_RCVLOWAT }, { SOL_SOCKET, SO_RCVTIMEO },
+		{ SOL_SOCKET, SO_SNDTIMEO }, { SOL_SOCKET, SO_BROADCAST },
+		{ SOL_SOCKET, SO_DONTROUTE }, { SOL_TCP, TCP_NODELAY }, { SOL_TCP, TCP_KEEPIDLE },
+		{ SOL_TCP, TCP_KEEPINTVL }, { SOL_TCP, TCP_KEEPCNT }, { SOL_TCP, TCP_USER_TIMEOUT },
+		{ SOL_TCP, TCP_LINGER2 }, { SOL_TCP, TCP_WINDOW_CLAMP }, { SOL_TCP, TCP_MAXSEG },
+		{ SOL_IP, IP_TOS }, { SOL_IP, IP_TTL }, { SOL_IPV6, IPV6_V6ONLY },
+		{ SOL_IPV6, IPV6_UNICAST_HOPS }, { SOL_IPV6, IPV6_TCLASS },
+	};
+	for (size_t i = 0; i < sizeof(opts) / sizeof(opts[0]); i++) {
+		int level = opts[i][0], name = opts[i][1];
+		if ((level == SOL_IP && l->family != AF_INET) ||
+		    (level == SOL_IPV6 && l->family != AF_INET6))
+			continue;
+		uint8_t want[32], have[32];
+		socklen_t wl = sizeof(want), hl = sizeof(have);
+		if (getsockopt(l->fd, level, name, want, &wl) < 0 ||
+		    getsockopt(fd, level, name, have, &hl) < 0 || (wl == hl && !memcmp(want, have, wl)))
+			continue;
+		if (level == SOL_SOCKET && (name == SO_RCVBUF || name == SO_SNDBUF)) {
+			int v;
+			memcpy(&v, want, sizeof(v));
+			v /= 2; /* getsockopt reads back twice what setsockopt was given */
+			memcpy(want, &v, sizeof(v));
+		}
+		setsockopt(fd, level, name, want, wl);
+	}
+}
+
+/* An end ends: EV_FIN and/or EV_ERROR ECONNRESET, once its gate is open (NSM-17) and in
+ * the order they happened: a FIN (the peer shut down or closed), then a reset (SHM-9). */
+static void nk_nsm_pair_ends(struct nk_nsm *n, struct nk_nsm_sock *r)
+{
+	if (r->closed || r->gated)
+		return;
+	if (r->want_fin && !r->fin_given && !r->reset_given) {
+		r->fin_given = true;
+		nk_nsm_event(n, r, NK_OP_EV_FIN, 0, 0, 0);
+	}
+	if (r->want_reset && !r->reset_given) {
+		r->reset_given = true;
+		nk_nsm_event(n, r, NK_OP_EV_ERROR, -ECONNRESET, 0, 0);
+	}
+}
+
+/* SHM-9: r is reset (its peer aborted, or never came): its waiting SENDs are taken as
+ * TCP's would have been before the RST, then EV_ERROR ECONNRESET. */
+static void nk_nsm_pair_reset(struct nk_nsm *n, struct nk_nsm_sock *r)
+{
+	r->want_reset = true;
+	r->rx_done = true;
+	nk_nsm_pair_push(n, r);
+}
+
+/* SHM-9: a listener dropped the client's connection from its accept queue. */
+static void nk_nsm_pair_orphan(struct nk_nsm *n, struct nk_nsm_sock *c)
+{
+	c->pend_listener = NULL;
+	nk_nsm_pair_reset(n, c);
+}
+
+/* An ACCEPT takes the head of the listener's accept queue: a Linux connection, or a
+ * paired one, for which the server end is made here (SHM-3, SHM-4). */
+static void nk_nsm_take(struct nk_nsm *n, struct nk_nsm_sock *l, const struct nk_nsm_call *call,
+			char *addr, uint32_t size)
+{
+	struct nk_nsm_pending_conn c = *(struct nk_nsm_pending_conn *)q_at(&l->backlog, 0);
+	q_pop(&l->backlog, 1);
+	if (addr)
+		memcpy(addr, c.addr, c.len < size ? c.len : size);
+	int64_t alen = addr ? c.len : 0; /* NSM-7: no buffer, 0 */
+	if (c.fd >= 0) {
+		nk_nsm_connection(n, l, call, c.fd, alen);
+		return;
+	}
+	int fd = socket(l->family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		nk_nsm_reply(n, call, -errno);
+		if (c.client)
+			nk_nsm_pair_orphan(n, c.client);
+		return;
+	}
+	nk_nsm_pair_inherit(l, fd);
+	struct nk_nsm_sock *s = nk_nsm_sock_new(n, call, (uint32_t)call->nqe.op_data, fd,
+						l->family, true);
+	s->paired = true;
+	memcpy(&s->local, c.dest, c.dest_len); /* SHM-4: the address the client connected to */
+	s->local_len = c.dest_len;
+	memcpy(&s->remote, c.addr, c.len);      /* and the client's */
+	s->remote_len = c.len;
+	nk_nsm_tc_add(n, s->vm_id, paired, 1); /* SHM-7 */
+	nk_nsm_tc_add(n, s->vm_id, paired_now, 1);
+	struct nk_nsm_sock *client = c.client;
+	if (client) {
+		client->pend_listener = NULL;
+		client->peer = s;
+		s->peer = client;
+		s->want_fin = client->wr_done; /* it shut down before the ACCEPT */
+		s->rx_done = client->wr_done;
+	} else if (c.gone_reset) {
+		s->want_reset = s->rx_done = true;
+	} else {
+		s->want_fin = s->rx_done = true;
+	}
+	/* NSM-17: nothing arrives before the CoreEngine read the reply (nk_nsm_pair_opened) */
+	nk_nsm_start_reading(n, s, nk_nsm_reply(n, call, alen));
+}
+
+/* The peer r has room again, or its gate opened: s's SENDs go on. */
+static void nk_nsm_pair_opened(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	if (s->peer)
+		nk_nsm_pair_push(n, s->peer);
+	nk_nsm_pair_ends(n, s);
+}
+
+static void nk_nsm_pair_kicks(struct nk_nsm *n)
+{
+	while (n->kicks.len) {
+		struct nk_nsm_sock *r = *(struct nk_nsm_sock **)q_at(&n->kicks, 0);
+		q_pop(&n->kicks, 1);
+		if (!r->closed && r->peer)
+			nk_nsm_pair_push(n, r->peer);
+	}
+}
+
+/* SHM-5, SHM-6: copy what fits of p into the peer's receive slice; true once p is
+ * answered. The bytes are written into the peer tenant's buffer before its EV_DATA is
+ * queued; the ring's release store at publication (nk_ring_push) orders them before it. */
+static bool nk_nsm_pair_try(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_send *p)
+{
+	bool nowait = p->flags & MSG_DONTWAIT;
+	struct nk_nsm_sock *r = s->peer;
+	if (!r && !s->pend_listener) { /* SHM-9: the peer is closed; TCP takes, RST follows */
+		if (s->reset_given) {
+			nk_nsm_reply(n, &p->call, p->done ? (int64_t)p->done : -EPIPE);
+			return true;
+		}
+		nk_nsm_reply(n, &p->call, p->length);
+		s->want_reset = s->rx_done = true; /* given after the SENDs waiting (pair_push) */
+		return true;
+	}
+	if (r && r->rx_done) { /* it reads no more (SHUT_RD): taken and dropped */
+		nk_nsm_reply(n, &p->call, p->length);
+		return true;
+	}
+	struct nk_nsm_tenant *t = r ? n->tenants[r->vm_id] : NULL;
+	if (r && !r->gated && t) { /* SHM-5: no server yet, or its ACCEPT reply unread: wait */
+		uint64_t cap = nk_nsm_cap(n, t);
+		while (p->done < p->length) {
+			if (r->rx_bytes >= cap)
+				break;
+			uint64_t want = nk_nsm_min(nk_nsm_min(p->length - p->done, n->rx_chunk),
+						   nk_nsm_min(cap - r->rx_bytes,
+							      alloc_largest_free(&t->pool)));
+			uint64_t off = want ? alloc_get(&t->pool, (uint32_t)want, r->sock_id, r->serial)
+					    : UINT64_MAX;
+			if (off == UINT64_MAX)
+				break;
+			memcpy(t->data + off, p->payload + p->done, want); /* the one copy */
+			t->pool.lent[(off - t->pool.base) / t->pool.granule].named = (uint32_t)want;
+			r->rx_bytes += want;
+			nk_nsm_event(n, r, NK_OP_EV_DATA, 0, off, (uint32_t)want); /* NSM-15 */
+			nk_nsm_tc_add(n, s->vm_id, shm_bytes_out, want); /* SHM-7 */
+			nk_nsm_tc_add(n, r->vm_id, shm_bytes_in, want);
+			p->done += (uint32_t)want;
+		}
+		if (p->done >= p->length) {
+			nk_nsm_reply(n, &p->call, p->length);
+			return true;
+		}
+		nk_nsm_pause(n, r); /* SHM-6: a BUF_RETURN of r's tenant resumes us */
+	}
+	if (nowait) {
+		nk_nsm_reply(n, &p->call, p->done ? (int64_t)p->done : -EAGAIN);
+		return true;
+	}
+	return false;
+}
+
+/* Run s's waiting SENDs in order; then a deferred SHUT_WR gives the peer its FIN (SHM-8),
+ * and s gets what it is owed (a reset after sending to a closed end, SHM-9). */
+static void nk_nsm_pair_push(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	while (s->sendq.len && nk_nsm_pair_try(n, s, q_at(&s->sendq, 0)))
+		q_pop(&s->sendq, 1);
+	nk_nsm_pair_ends(n, s);
+	if (!s->sendq.len && s->shut_wr_later) {
+		s->shut_wr_later = false;
+		s->wr_done = true;
+		if (s->peer) {
+			s->peer->want_fin = s->peer->rx_done = true;
+			nk_nsm_pair_ends(n, s->peer);
+		}
+	}
+}
+
+/* At s's destroy: its peer sees the end, EV_FIN or (ABORT) a reset (SHM-8, SHM-9); a
+ * client still in an accept queue is marked gone there; nothing keeps a pointer to s. */
+static void nk_nsm_pair_unlink(struct nk_nsm *n, struct nk_nsm_sock *s)
+{
+	if (s->in_listeners) {
+		for (struct nk_nsm_sock **p = &n->listeners; *p; p = &(*p)->lnext) {
+			if (*p == s) {
+				*p = s->lnext;
+				break;
+			}
+		}
+		s->in_listeners = false;
+	}
+	if (!s->paired)
+		return;
+	nk_nsm_tc_sub(n, s->vm_id, paired_now, 1); /* SHM-7 */
+	struct linger lg = { 0, 0 };
+	socklen_t lglen = sizeof(lg);
+	if (getsockopt(s->fd, SOL_SOCKET, SO_LINGER, &lg, &lglen) == 0 && lg.l_onoff &&
+	    lg.l_linger == 0)
+		s->close_abort = true; /* SO_LINGER {on, 0}: close(2) resets, as Linux's */
+	struct nk_nsm_sock *l = s->pend_listener;
+	if (l) {
+		for (uint32_t i = 0; i < l->backlog.len; i++) {
+			struct nk_nsm_pending_conn *c = q_at(&l->backlog, i);
+			if (c->client == s) {
+				c->client = NULL;
+				c->gone_reset = s->close_abort;
+			}
+		}
+		s->pend_listener = NULL;
+	}
+	struct nk_nsm_sock *r = s->peer;
+	if (r) {
+		s->peer = NULL;
+		r->peer = NULL;
+		if (s->close_abort) {
+			nk_nsm_pair_reset(n, r);
+		} else {
+			r->want_fin = r->rx_done = true;
+			nk_nsm_pair_push(n, r); /* its waiting SENDs meet the closed end (SHM-9) */
+		}
+	}
+}
+
+/* Calls on a paired end that its unconnected fd cannot answer as Linux would. */
+static void nk_nsm_pair_bind_call(struct nk_nsm *n, const struct nk_nsm_call *call,
+				  struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	(void)t;
+	(void)s;
+	nk_nsm_reply(n, call, -EINVAL); /* a connected socket is bound; listen(): EINVAL too */
+}
+
+static void nk_nsm_pair_connect_call(struct nk_nsm *n, const struct nk_nsm_call *call,
+				     struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	char *addr;
+	if (nk_nsm_address(t, call->nqe.data_ptr, call->nqe.size, &addr) < 0) {
+		nk_nsm_reply(n, call, -EFAULT);
+		return;
+	}
+	/* NSM-4: a client's handshake completed: 0 once, then EISCONN (an accepted one: EISCONN) */
+	nk_nsm_reply(n, call, s->is_client && s->connects++ == 0 ? 0 : -EISCONN);
+}
+
+/* SHM-5, SHM-6: SEND on a paired end (NSM-6's order and MSG_DONTWAIT). */
+static void nk_nsm_pair_send(struct nk_nsm *n, const struct nk_nsm_call *call,
+			     struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	const struct nk_nqe *q = &call->nqe;
+	uint32_t dest_len = (uint32_t)((q->op_data >> 32) & 0xFFFF);
+	char *buf;
+	if (nk_nsm_address(t, q->data_ptr, q->size, &buf) < 0) {
+		nk_nsm_reply(n, call, -EFAULT);
+		return;
+	}
+	if (dest_len > q->size) {
+		nk_nsm_reply(n, call, -EINVAL);
+		return;
+	}
+	if (s->wr_done || s->shut_wr_later) { /* after SHUT_WR, as Linux: EPIPE */
+		nk_nsm_reply(n, call, -EPIPE);
+		return;
+	}
+	struct nk_nsm_send p = {
+		.call = *call,
+		.payload = q->size ? buf + dest_len : NULL, /* TCP ignores a destination */
+		.length = q->size - dest_len,
+		.flags = (int)(q->op_data & NK_NSM_SEND_FLAGS),
+	};
+	if (s->sendq.len) { /* NQE-16: behind the SENDs already waiting */
+		if (p.flags & MSG_DONTWAIT)
+			nk_nsm_reply(n, call, -EAGAIN);
+		else
+			q_push(&s->sendq, &p);
+		return;
+	}
+	if (!nk_nsm_pair_try(n, s, &p))
+		q_push(&s->sendq, &p);
+	nk_nsm_pair_ends(n, s);
+}
+
+/* SHM-8: SHUT_WR gives the peer EV_FIN after the bytes already sent; SHUT_RD ends what
+ * this end receives (as the kernel NSM's read of a shut-down socket: EV_FIN). */
+static void nk_nsm_pair_shutdown(struct nk_nsm *n, const struct nk_nsm_call *call,
+				 struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	(void)t;
+	uint64_t how = call->nqe.op_data;
+	if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) {
+		nk_nsm_reply(n, call, -EINVAL);
+		return;
+	}
+	if (s->reset_given) { /* a reset connection is closed: ENOTCONN, as Linux */
+		nk_nsm_reply(n, call, -ENOTCONN);
+		return;
+	}
+	nk_nsm_reply(n, call, 0);
+	if (how != SHUT_WR && !s->rx_done) {
+		s->want_fin = s->rx_done = true;
+		nk_nsm_pair_ends(n, s);
+	}
+	if (how != SHUT_RD && !s->wr_done && !s->shut_wr_later) {
+		s->shut_wr_later = true; /* NSM-6: the FIN goes after the queued bytes */
+		nk_nsm_pair_push(n, s);
+	}
+}
+
+/* SHM-4: a paired end's names are the ones stored at pairing. */
+static void nk_nsm_pair_name(struct nk_nsm *n, const struct nk_nsm_call *call,
+			     struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	const struct nk_nqe *q = &call->nqe;
+	char *addr;
+	if (nk_nsm_address(t, q->data_ptr, q->size, &addr) < 0) {
+		nk_nsm_reply(n, call, -EFAULT);
+		return;
+	}
+	bool peer = q->op == NK_OP_GETPEERNAME;
+	if (peer && s->reset_given) {
+		nk_nsm_reply(n, call, -ENOTCONN); /* reset: no longer connected */
+		return;
+	}
+	const struct sockaddr_storage *a = peer ? &s->remote : &s->local;
+	uint32_t len = peer ? s->remote_len : s->local_len;
+	if (addr)
+		memcpy(addr, a, len < q->size ? len : q->size);
+	nk_nsm_reply(n, call, len);
+}
+
+/* Handlers for a paired end; NULL: the ordinary one (options, ACCEPT, CLOSE). */
+static nk_nsm_handler nk_nsm_pair_handler_of(uint8_t op)
+{
+	switch (op) {
+	case NK_OP_BIND:
+	case NK_OP_LISTEN: return nk_nsm_pair_bind_call;
+	case NK_OP_CONNECT: return nk_nsm_pair_connect_call;
+	case NK_OP_SEND: return nk_nsm_pair_send;
+	case NK_OP_SHUTDOWN: return nk_nsm_pair_shutdown;
+	case NK_OP_GETSOCKNAME:
+	case NK_OP_GETPEERNAME: return nk_nsm_pair_name;
+	default: return NULL;
+	}
+}
+
 /* KernelNSM.call: execute one socket call of a mapped tenant. */
 static void nk_nsm_stack_call(struct nk_nsm *n, const struct nk_nsm_call *call,
 			      struct nk_nsm_tenant *t)
@@ -1355,7 +1993,8 @@ static void nk_nsm_stack_call(struct nk_nsm *n, const struct nk_nsm_call *call,
 		nk_nsm_reply(n, call, -EBADF); /* NSM-8, NSM-14 */
 		return;
 	}
-	nk_nsm_handler_of(call->nqe.op)(n, call, t, s);
+	nk_nsm_handler h = s->paired ? nk_nsm_pair_handler_of(call->nqe.op) : NULL;
+	(h ? h : nk_nsm_handler_of(call->nqe.op))(n, call, t, s);
 }
 
 static void nk_nsm_tenant_unmapped(struct nk_nsm *n, uint8_t vm)
@@ -1382,6 +2021,7 @@ static void nk_nsm_writable(struct nk_nsm *n, struct nk_nsm_sock *s)
 		struct nk_nsm_call call = s->connect;
 		s->has_connect = false;
 		int64_t err = nk_nsm_pending_error(s->fd); /* NSM-4: as SO_ERROR reads it */
+		s->connect_failed = err != 0;
 		if (err)
 			nk_nsm_reply(n, &call, err);
 		else
@@ -1394,18 +2034,6 @@ static void nk_nsm_writable(struct nk_nsm *n, struct nk_nsm_sock *s)
 		shutdown(s->fd, SHUT_WR);
 	}
 	nk_nsm_update(n, s);
-}
-
-/* BUF-7: no buffer (or the cap): stop reading until a BUF_RETURN. */
-static bool nk_nsm_pause(struct nk_nsm *n, struct nk_nsm_sock *s)
-{
-	s->paused = true;
-	struct nk_nsm_tenant *t = n->tenants[s->vm_id];
-	if (!s->starved && t) {
-		q_push(&t->starved, &s);
-		s->starved = true;
-	}
-	return false;
 }
 
 /* A stream's end: EOF is EV_FIN, an error EV_ERROR(-errno); reading stops (NSM-15). */
@@ -1431,11 +2059,6 @@ static void nk_nsm_data(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_t
 static void nk_nsm_unsend(struct nk_nsm_tenant *t, uint64_t off)
 {
 	alloc_put(&t->pool, (uint32_t)((off - t->pool.base) / t->pool.granule));
-}
-
-static uint64_t nk_nsm_min(uint64_t a, uint64_t b)
-{
-	return a < b ? a : b;
 }
 
 /* One recv into a fresh receive buffer; true if more may be waiting. */
@@ -1519,6 +2142,11 @@ static void nk_nsm_serve_accepts(struct nk_nsm *n, struct nk_nsm_sock *s)
 			char *addr = NULL;
 			if (t && nk_nsm_address(t, call.nqe.data_ptr, call.nqe.size, &addr) < 0)
 				addr = NULL;
+			if (s->backlog.len) { /* SHM-3: a paired connection, in FIFO order */
+				q_pop(&s->accepts, 1);
+				nk_nsm_take(n, s, &call, addr, addr ? call.nqe.size : 0);
+				continue;
+			}
 			int64_t alen;
 			int fd = nk_nsm_accept4(s->fd, addr, addr ? call.nqe.size : 0, &alen);
 			if (fd >= 0) {
@@ -1873,6 +2501,7 @@ struct nk_nsm *nk_nsm_new(void *base, uint64_t len, const char *runtime, int con
 	n->epfd = epoll_create1(EPOLL_CLOEXEC);
 	q_init(&n->held, sizeof(struct nk_nsm_held));
 	q_init(&n->gated, sizeof(struct nk_nsm_sock *));
+	q_init(&n->kicks, sizeof(struct nk_nsm_sock *));
 	if (!n->buckets || !n->in || !n->out || !n->device_bells || !n->engine_bells ||
 	    n->wake_fd < 0 || n->epfd < 0)
 		goto fail;
@@ -1928,6 +2557,7 @@ void nk_nsm_free(struct nk_nsm *n)
 		q_free(&n->out[i].box);
 	q_free(&n->held);
 	q_free(&n->gated);
+	q_free(&n->kicks);
 	if (n->wake_fd >= 0)
 		close(n->wake_fd);
 	if (n->epfd >= 0)

@@ -164,6 +164,8 @@ static int run_tests(void)
 	CHECK(nk_nsm_new(vm_base, nk_geo_total_size(&vm_geo), dir, -1, -1) == NULL); /* not an NSM */
 	struct nk_nsm *n = nk_nsm_new(nsm_base, nsm_len, dir, -1, -1);
 	CHECK(n);
+	CHECK(nk_nsm_set_placement(n, 7) == -EINVAL);
+	CHECK(nk_nsm_set_placement(n, NK_PLACE_AUTO) == 0); /* pairing on (spec/shm.md) */
 	pthread_t t;
 	CHECK(pthread_create(&t, NULL, runner, n) == 0);
 
@@ -246,6 +248,59 @@ static int run_tests(void)
 		push(&receive, &br);
 	}
 	CHECK(have == sizeof(msg));
+
+	/* SHM-2..SHM-9: the tenant connects to its own listener: paired, no TCP */
+	CHECK(call(NK_OP_SOCKET, 10, AF_INET | SOCK_STREAM << 16, NULL, 0, 0) == 0);
+	struct sockaddr_in here = loop4(0);
+	CHECK(call(NK_OP_BIND, 10, 0, &here, sizeof(here), 0) == 0);
+	CHECK(call(NK_OP_LISTEN, 10, 4, NULL, 0, 0) == 0);
+	CHECK(call(NK_OP_GETSOCKNAME, 10, 0, NULL, 0, 16) == 16);
+	memcpy(&here, vm_data + GRANULE, sizeof(here));
+	CHECK(call(NK_OP_SOCKET, 11, AF_INET | SOCK_STREAM << 16, NULL, 0, 0) == 0);
+	CHECK(call(NK_OP_CONNECT, 11, 0, &here, sizeof(here), 0) == 0); /* SHM-3: at once */
+	ev = pop(&sendr);
+	CHECK(ev.op == NK_OP_EV_ACCEPTABLE && ev.sock_id == 10 && ev.op_data == 1);
+	CHECK(call(NK_OP_ACCEPT, 10, 12, NULL, 0, 16) == 16);
+	struct sockaddr_in client;
+	memcpy(&client, vm_data + GRANULE, sizeof(client));
+	CHECK(call(NK_OP_GETSOCKNAME, 11, 0, NULL, 0, 16) == 16); /* SHM-4 */
+	CHECK(memcmp(vm_data + GRANULE, &client, sizeof(client)) == 0 && client.sin_port != 0);
+	CHECK(call(NK_OP_GETPEERNAME, 12, 0, NULL, 0, 16) == 16);
+	CHECK(memcmp(vm_data + GRANULE, &client, sizeof(client)) == 0);
+	CHECK(call(NK_OP_GETPEERNAME, 11, 0, NULL, 0, 16) == 16);
+	CHECK(memcmp(vm_data + GRANULE, &here, sizeof(here)) == 0);
+	struct nk_nqe snd = { .op = NK_OP_SEND, .vm_id = VM, .sock_id = 11, .data_ptr = GRANULE,
+			      .size = sizeof(msg), .tag = next_tag++ };
+	memcpy(vm_data + GRANULE, msg, sizeof(msg));
+	push(&receive, &snd);
+	ev = pop(&sendr); /* SHM-5: the copy is announced before the SEND is answered */
+	CHECK(ev.op == NK_OP_EV_DATA && ev.sock_id == 12 && ev.size == sizeof(msg));
+	CHECK(ev.data_ptr >= half && memcmp(vm_data + ev.data_ptr, msg, sizeof(msg)) == 0);
+	r = pop(&sendr);
+	CHECK(r.op == (NK_OP_SEND | NK_REPLY_BIT) && (int64_t)r.op_data == (int64_t)sizeof(msg));
+	br = (struct nk_nqe){ .op = NK_OP_BUF_RETURN, .vm_id = VM, .data_ptr = ev.data_ptr,
+			      .size = ev.size, .tag = next_tag++ };
+	push(&receive, &br);
+	struct nk_nqe cl = { .op = NK_OP_CLOSE, .vm_id = VM, .sock_id = 12,
+			     .op_data = NK_CLOSE_ABORT, .tag = next_tag++ };
+	push(&completion, &cl); /* SHM-9: the peer is reset; the reply follows that event */
+	ev = pop(&sendr);
+	CHECK(ev.op == NK_OP_EV_ERROR && ev.sock_id == 11 && (int64_t)ev.op_data == -ECONNRESET);
+	r = pop(&job);
+	CHECK(r.op == (NK_OP_CLOSE | NK_REPLY_BIT) && r.op_data == 0);
+	CHECK(call(NK_OP_SEND, 11, 0, "x", 1, 0) == -EPIPE);
+	/* one connection accepted, one waiting in the accept queue: TENANT_UNMAP ends them */
+	CHECK(call(NK_OP_SOCKET, 13, AF_INET | SOCK_STREAM << 16, NULL, 0, 0) == 0);
+	CHECK(call(NK_OP_CONNECT, 13, 0, &here, sizeof(here), 0) == 0);
+	CHECK(pop(&sendr).op == NK_OP_EV_ACCEPTABLE);
+	CHECK(call(NK_OP_SOCKET, 14, AF_INET | SOCK_STREAM << 16, NULL, 0, 0) == 0);
+	CHECK(call(NK_OP_CONNECT, 14, 0, &here, sizeof(here), 0) == 0);
+	CHECK(pop(&sendr).op == NK_OP_EV_ACCEPTABLE);
+	CHECK(call(NK_OP_ACCEPT, 10, 15, NULL, 0, 0) == 0);
+	struct nk_nsm_tenant_counters tc;
+	CHECK(nk_nsm_get_tenant_counters(n, VM, &tc) == 0); /* SHM-7 */
+	CHECK(tc.paired == 5 && tc.paired_now == 4 && tc.shm_bytes_out == sizeof(msg) &&
+	      tc.shm_bytes_in == sizeof(msg) && tc.stack_bytes_out == sizeof(msg));
 
 	/* NSM-8: CLOSE, then the ID is EBADF; NSM-12: TENANT_UNMAP closes the rest */
 	CHECK(call(NK_OP_CLOSE, 5, 0, NULL, 0, 0) == 0);
@@ -480,6 +535,8 @@ static int run_bench(double seconds)
 	uint64_t nsm_len = make_devices(dir, path, sizeof(path));
 	struct nk_nsm *n = nk_nsm_new(nsm_base, nsm_len, dir, -1, -1);
 	CHECK(n);
+	CHECK(nk_nsm_set_placement(n, 7) == -EINVAL);
+	CHECK(nk_nsm_set_placement(n, NK_PLACE_AUTO) == 0); /* pairing on (spec/shm.md) */
 	pthread_t t;
 	CHECK(pthread_create(&t, NULL, runner, n) == 0);
 	CHECK((int64_t)control(NK_OP_TENANT_MAP, VM, vm_geo.send_size,

@@ -33,7 +33,7 @@ struct nk_nsm_counters {
 	uint64_t tenants;   /* tenant areas mapped now */
 };
 
-/* On-host pairing (spec/nsm.md §5, NSM-18..NSM-23): where a TCP connection between two
+/* On-host pairing (spec/shm.md SHM-1..SHM-9): where a TCP connection between two
  * tenants of this NSM goes. KERNEL: always Linux TCP (the kernel NSM). AUTO: paired in
  * shared memory when the listener's accept queue has room, else Linux TCP. SHM: always
  * paired; a full accept queue refuses the connection. Connections with a peer that is
