@@ -41,8 +41,9 @@ settings.load_profile(os.environ.get("NK_HYPOTHESIS_PROFILE", "dev"))
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("netkernel")
     group.addoption("--target", default="reference",
-                    help="implementation under test: reference, fastpath, fastpath-shm (the fast"
-                         " path with the shm NSM), exec:CMD (an NSM program;"
+                    help="implementation under test: reference, fastpath (the fast path with"
+                         " its default NSM, the shm NSM), fastpath-kernel (the fast path with the"
+                         " kernel NSM), exec:CMD (an NSM program;"
                          " {instance} in CMD is the instance's name), or module[:function]")
     group.addoption("--nk-report", metavar="FILE", default=None,
                     help="write a JSON report: every spec requirement with its status")

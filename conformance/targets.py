@@ -218,20 +218,21 @@ def exec_nsm(cmd: str) -> Target:
 
 
 def load(spec: str) -> Target:
-    """Resolve ``--target``: ``reference``, ``fastpath``, ``fastpath-shm`` (the fast path
-    with the shm NSM), ``exec:CMD``, or ``package.module[:function]``."""
+    """Resolve ``--target``: ``reference``, ``fastpath`` (the fast path with its default
+    NSM, the shm NSM), ``fastpath-kernel`` (with the kernel NSM), ``exec:CMD``, or
+    ``package.module[:function]``."""
     if spec == "reference":
         return reference()
     if spec.startswith("exec:"):
         return exec_nsm(spec.removeprefix("exec:"))
-    if spec in ("fastpath", "fastpath-shm"):
+    if spec in ("fastpath", "fastpath-kernel"):
         try:
             mod = importlib.import_module("netkernel.fastpath.target")
         except ImportError as exc:
             raise SystemExit(
                 f"--target {spec}: the C fast path is not built in this checkout ({exc})"
             ) from None
-        made: Target = mod.target() if spec == "fastpath" else mod.shm_target()
+        made: Target = mod.target() if spec == "fastpath" else mod.kernel_target()
         return made
     module, _, func = spec.partition(":")
     try:

@@ -1,7 +1,7 @@
 """On-host pairing (spec/shm.md): the shm NSM carries tenant-to-tenant TCP in memory.
 
 Bound to the ``nsm`` role of a target that claims the optional feature
-``SHM_PAIRING`` (``--target fastpath-shm``); for every other target these
+``SHM_PAIRING`` (``--target fastpath``, whose NSM is the shm NSM); for other targets these
 tests are reported unsupported. Raw tenants (conformance/runtime.py) drive
 the NSM NQE by NQE through a real CoreEngine; Linux sockets on loopback are
 the oracle of names and the other kind of peer. That a connection was paired

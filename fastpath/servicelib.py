@@ -107,7 +107,7 @@ class ServiceLib:
         return {f: int(getattr(c, f)) for f, _ in ffi.typeof("struct nk_nsm_counters").fields}
 
     def tenant_counters(self, vm: int) -> dict[str, int] | None:
-        """Tenant ``vm``'s counters (spec/nsm.md NSM-23), or None when it is not mapped.
+        """Tenant ``vm``'s counters (spec/shm.md SHM-7), or None when it is not mapped.
 
         Safe from any thread while :meth:`run` runs.
         """

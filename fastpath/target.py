@@ -26,9 +26,14 @@ MODULES = {
 PROCESSES = {
     "coreengine": Launcher(("{python}", "-m", "netkernel.fastpath.coreengine",
                             "--instance", "{instance}")),
-    "nsm": Launcher(("{python}", "-m", "netkernel.fastpath.nsm_kernel",
+    # the default NSM of `netkernel up` (--nsm auto): the shm NSM, pairing connections
+    # between tenants in shared memory (spec/shm.md)
+    "nsm": Launcher(("{python}", "-m", "netkernel.fastpath.nsm_shm", "--placement", "auto",
                      "--instance", "{instance}")),
 }
+#: ``--target fastpath-kernel``: the kernel NSM (`netkernel up --nsm kernel`), no pairing.
+KERNEL_NSM = Launcher(("{python}", "-m", "netkernel.fastpath.nsm_kernel",
+                       "--instance", "{instance}"))
 NOT_APPLICABLE = {
     "sockets": "the fast path keeps no socket state machine of its own: the NSM's stack"
                " (Linux TCP) is the state machine, checked end to end by the nsm and"
@@ -36,21 +41,17 @@ NOT_APPLICABLE = {
 }
 
 
-#: ``--target fastpath-shm``: the shm NSM (spec/shm.md), pairing with placement auto.
-SHM_NSM = Launcher(("{python}", "-m", "netkernel.fastpath.nsm_shm", "--placement", "auto",
-                    "--instance", "{instance}"))
-
-
 def target() -> Target:
+    """``--target fastpath``: every role, with the default NSM (the shm NSM, SHM_PAIRING)."""
     roles: dict[str, Any] = {role: importlib.import_module(name) for role, name in MODULES.items()}
     roles["coreengine"] = WithProcess(roles["coreengine"], PROCESSES["coreengine"])
     roles["nsm"] = PROCESSES["nsm"]
-    return Target("fastpath", roles, frozenset({"FUTEX_BELLS"}), dict(NOT_APPLICABLE))
+    return Target("fastpath", roles, frozenset({"FUTEX_BELLS", "SHM_PAIRING"}),
+                  dict(NOT_APPLICABLE))
 
 
-def shm_target() -> Target:
-    """The fast path with the shm NSM: every conformance test, plus SHM-* (SHM_PAIRING)."""
+def kernel_target() -> Target:
+    """``--target fastpath-kernel``: the same with the kernel NSM, which pairs nothing."""
     base = target()
-    roles = dict(base.roles, nsm=SHM_NSM)
-    return Target("fastpath-shm", roles, base.features | {"SHM_PAIRING"},
-                  dict(base.not_applicable))
+    return Target("fastpath-kernel", dict(base.roles, nsm=KERNEL_NSM),
+                  base.features - {"SHM_PAIRING"}, dict(base.not_applicable))

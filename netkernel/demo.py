@@ -4,7 +4,7 @@ The demo is the README's main job. It shows, end to end, what NetKernel does:
 
 1. It uses the instance named ``--instance`` (default ``$NETKERNEL_INSTANCE``,
    else ``default``) if one runs, and otherwise starts an *embedded* one
-   (a CoreEngine and the kernel NSM, :func:`netkernel.instance.up`) that it
+   (a CoreEngine and the default NSM, :func:`netkernel.instance.up`) that it
    stops again at the end, also on an error or Ctrl-C.
 2. It starts two tenant processes, each with its own NK device:
    ``python -m netkernel.demo server`` runs :mod:`http.server` on a GuestLib
@@ -314,6 +314,8 @@ class Result:
     tenants: dict[str, dict[str, Any]]  # role -> the CoreEngine's status entry
     nsms: list[dict[str, Any]]  # status entries, counters as grown during the demo
     others: int  # tenants of the instance that are not the demo's
+    #: role -> (NSM ID, the NSM's placement, its counters of that tenant) (SHM-7)
+    served: dict[str, tuple[int, str, dict[str, int]]] = field(default_factory=dict)
 
 
 def _entry_of(doc: dict[str, Any], pid: int) -> dict[str, Any] | None:
@@ -347,6 +349,23 @@ def _settled(name: str, pids: list[int], timeout: float) -> dict[str, Any]:
         time.sleep(0.02)
 
 
+def _served(name: str, tenants: dict[str, dict[str, Any]],
+            size: int) -> dict[str, tuple[int, str, dict[str, int]]]:
+    """What the NSMs published about the demo's tenants (SHM-7), once it shows the server's
+    payload (an NSM rewrites its counters file a few times a second); {} if none does."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        doc = inst.status(name)
+        out = {role: (int(n["id"]), str(n.get("placement")), n["served"][str(e["id"])])
+               for role, e in tenants.items() for n in doc.get("nsms", [])
+               if str(e["id"]) in n.get("served", {})}
+        sent = out.get("server", (0, "", {}))[2]
+        if (sent.get("shm_bytes_out", 0) + sent.get("stack_bytes_out", 0) >= size
+                or time.monotonic() > deadline):
+            return out
+        time.sleep(0.05)
+
+
 def _run_tenants(name: str, size: int, timeout: float, say: Callable[[str], None],
                  interrupts: _Interrupts) -> Result:
     before = inst.status(name)
@@ -374,6 +393,7 @@ def _run_tenants(name: str, size: int, timeout: float, say: Callable[[str], None
         during = _settled(name, pids, 2.0)
         tenants = {role: e for role, pid in (("server", pids[0]), ("client", pids[1]))
                    if (e := _entry_of(during, pid)) is not None}
+        served = _served(name, tenants, size)  # before the tenants detach and are forgotten
         codes = {t.role: t.finish() for t in (server, client)}
     finally:
         for t in started:
@@ -386,7 +406,7 @@ def _run_tenants(name: str, size: int, timeout: float, say: Callable[[str], None
             for n in after.get("nsms", [])]
     others = len(during.get("tenants", [])) - len(tenants)
     return Result(name, False, int(after["pid"]), size, dict(listening, **stopped), fetched,
-                  tenants, nsms, others)
+                  tenants, nsms, others, served)
 
 
 def _detached(name: str, pids: list[int], nsm_before: dict[int, Any]) -> dict[str, Any]:
@@ -456,7 +476,7 @@ def run(name: str | None = None, *, size: int = DEFAULT_SIZE, timeout: float = S
         try:
             if not inst.running(name):
                 say(f"netkernel demo: no instance {name!r} runs; starting an embedded one"
-                    f" (CoreEngine + kernel NSM, {impl})")
+                    f" (CoreEngine + NSM, {impl})")
                 with interrupts.held():  # up() records every process it starts before we stop
                     embedded = True
                     up = inst.up(name, impl=impl)
@@ -538,6 +558,14 @@ def format_report(r: Result) -> str:
     switched = sum(cn.get("nqes_in", 0) for _, cn in columns)
     lines.append(f"NQEs switched by the CoreEngine during the demo: {switched:,}"
                  + (f" (NSM counters include {r.others} other tenant(s))" if r.others else ""))
+    for role, (nsm, placement, c) in sorted(r.served.items(), key=lambda kv: kv[0] != "server"):
+        how = ("paired in shared memory, no TCP" if c.get("paired")
+               else "over the NSM's network stack")
+        lines.append(
+            f"NSM {nsm} (placement {placement}) carried {r.tenants[role].get('name') or role}'s"
+            f" connection {how}:"
+            f" {c.get('shm_bytes_out', 0):,} bytes out by shared memory,"
+            f" {c.get('stack_bytes_out', 0):,} by the stack")
     return "\n".join(lines)
 
 
