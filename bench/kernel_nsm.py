@@ -308,17 +308,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="the tenant publishes SENDs once this many are queued or before it"
                         " waits (default 0: at the end of every send call)")
     p.add_argument("--only", choices=["bulk", "rr"], help="run one of the two benchmarks")
+    p.add_argument("--nsm", choices=["kernel", "shm"], default="kernel",
+                   help="the NSM of the embedded instance: 'kernel' (default: issue 4's"
+                        " figures) or 'shm' (the C tenants' connection paired in shared"
+                        " memory, spec/shm.md)")
     args = parse_options(p, argv)
 
     from netkernel import instance as inst
 
     name = f"bench-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
-    print(f"bench.kernel_nsm: embedded instance {name!r} (C CoreEngine + C kernel NSM),"
+    print(f"bench.kernel_nsm: embedded instance {name!r} (C CoreEngine + C {args.nsm} NSM),"
           f" C tenant, {args.rounds} round(s) of 4 x {args.seconds:g} s", flush=True)
     brk = Breakdown()
     try:
-        inst.up(name, impl="fastpath")
+        inst.up(name, impl="fastpath", nsm=args.nsm)
         figures, sweep = measure(args, name, brk, say=lambda s: print(s, flush=True))
     except (BenchError, inst.InstanceError, OSError) as exc:
         print(f"bench.kernel_nsm: FAILED: {exc}", file=sys.stderr)

@@ -6,8 +6,9 @@
 
 Each benchmark runs the same server and client twice per round: both *direct*
 (plain kernel sockets on loopback) and both under ``python -m netkernel run
---instance NAME`` (*netkernel*: the preloaded GuestLib, nk-agent, CoreEngine, kernel
-NSM, the same loopback). The order alternates from round to round; the median of the
+--instance NAME`` (*netkernel*: the preloaded GuestLib, nk-agent, CoreEngine, and the
+NSM ``--nsm`` names: ``auto``, the default, pairs the two ends in shared memory;
+``kernel`` uses the same loopback TCP). The order alternates from round to round; the median of the
 rounds is printed with the ratio netkernel / direct. The figures are the programs'
 own (wrk's requests/s, iperf3's bits/s, sockperf's latency ...). Nothing is asserted.
 """
@@ -283,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="alternated rounds (default 3, quick 1)")
     ap.add_argument("--seconds", type=int, help="seconds of timed runs (default 5, quick 2)")
     ap.add_argument("--json", action="store_true", help="print one JSON document at the end")
+    ap.add_argument("--nsm", choices=["auto", "shm", "kernel"], default="auto",
+                    help="the NSM of the instance (as `netkernel up --nsm`; default auto)")
     args = ap.parse_args(argv)
     opt = Options(seconds=args.seconds or (2 if args.quick else 5), quick=args.quick)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -295,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     results = []
-    with own_instance() as instance:
-        log(f"instance {instance}; {rounds} round(s), {opt.seconds} s runs; netkernel ="
-            f" both ends under `python -m netkernel run --instance {instance}`")
+    with own_instance(nsm=args.nsm) as instance:
+        log(f"instance {instance} (NSM {args.nsm}); {rounds} round(s), {opt.seconds} s runs;"
+            f" netkernel = both ends under `python -m netkernel run --instance {instance}`")
         log(f"{'program':<25}{'figure':<18}{'direct':>14}{'netkernel':>14}{'ratio':>9}")
         for bench in chosen:
             if gone := pg.missing(*bench.binaries):

@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
           f" {args.rounds} round(s) of 6 x {args.seconds:g} s", flush=True)
     os.environ["NK_BENCH_IMPL"] = args.impl  # the workers' GuestLib
     try:
-        inst.up(name, impl=args.impl)
+        inst.up(name, impl=args.impl, nsm="kernel")
         figures = measure(args, name, say=lambda s: print(s, flush=True))
     except (BenchError, inst.InstanceError) as exc:
         print(f"bench.runtime: FAILED: {exc}", file=sys.stderr)

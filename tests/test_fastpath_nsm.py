@@ -465,16 +465,18 @@ def test_entry_point_exits_0_on_sigterm_closing_every_socket(tmp_path: Path) -> 
 # -- 4. the whole system: the C CoreEngine and NSM, the reference GuestLib -----------------
 
 
-@pytest.fixture(scope="module")
-def c_instance() -> Iterator[str]:
-    """A fast-path instance (``netkernel up --impl fastpath``): its NSM is ours."""
-    name = f"test-fpnsm-{os.getpid()}"
+@pytest.fixture(scope="module", params=["kernel", "auto"], ids=["nsm=kernel", "nsm=auto"])
+def c_instance(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fast-path instance (``netkernel up --impl fastpath --nsm …``): its NSM is ours,
+    the kernel NSM, then the shm NSM (the default), which pairs these tests' connections."""
+    name = f"test-fpnsm-{os.getpid()}-{request.param}"
+    module = {"kernel": b"netkernel.fastpath.nsm_kernel", "auto": b"netkernel.fastpath.nsm_shm"}
     try:
-        instance.up(name, impl="fastpath")
+        instance.up(name, impl="fastpath", nsm=request.param)
         nsm = status(name)["nsms"]
         assert len(nsm) == 1
         with open(f"/proc/{nsm[0]['pid']}/cmdline", "rb") as f:
-            assert b"netkernel.fastpath.nsm_kernel" in f.read()
+            assert module[request.param] in f.read()
         yield name
     finally:
         instance.down(name)

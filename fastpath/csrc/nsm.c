@@ -1746,6 +1746,9 @@ static void nk_nsm_pair_kicks(struct nk_nsm *n)
 /* SHM-5, SHM-6: copy what fits of p into the peer's receive slice; true once p is
  * answered. The bytes are written into the peer tenant's buffer before its EV_DATA is
  * queued; the ring's release store at publication (nk_ring_push) orders them before it. */
+static void nk_nsm_data(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_tenant *t,
+			uint64_t off, uint32_t lent, uint32_t size, uint32_t prefix);
+
 static bool nk_nsm_pair_try(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_send *p)
 {
 	bool nowait = p->flags & MSG_DONTWAIT;
@@ -1777,9 +1780,7 @@ static bool nk_nsm_pair_try(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_n
 			if (off == UINT64_MAX)
 				break;
 			memcpy(t->data + off, p->payload + p->done, want); /* the one copy */
-			t->pool.lent[(off - t->pool.base) / t->pool.granule].named = (uint32_t)want;
-			r->rx_bytes += want;
-			nk_nsm_event(n, r, NK_OP_EV_DATA, 0, off, (uint32_t)want); /* NSM-15 */
+			nk_nsm_data(n, r, t, off, (uint32_t)want, (uint32_t)want, 0); /* NSM-15 */
 			nk_nsm_tc_add(n, s->vm_id, shm_bytes_out, want); /* SHM-7 */
 			nk_nsm_tc_add(n, r->vm_id, shm_bytes_in, want);
 			p->done += (uint32_t)want;
@@ -2052,7 +2053,6 @@ static void nk_nsm_data(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_t
 {
 	t->pool.lent[(off - t->pool.base) / t->pool.granule].named = size; /* BUF-4 */
 	s->rx_bytes += lent;
-	nk_nsm_tc_add(n, s->vm_id, stack_bytes_in, size - prefix);
 	nk_nsm_event(n, s, NK_OP_EV_DATA, prefix, off, size);
 }
 
@@ -2092,6 +2092,7 @@ static bool nk_nsm_read_stream(struct nk_nsm *n, struct nk_nsm_sock *s, struct n
 		return got == -EAGAIN ? false : nk_nsm_end(n, s, got);
 	}
 	nk_nsm_data(n, s, t, off, (uint32_t)want, (uint32_t)got, 0);
+	nk_nsm_tc_add(n, s->vm_id, stack_bytes_in, got); /* SHM-7 */
 	return (uint64_t)got == want;
 }
 
@@ -2123,6 +2124,7 @@ static bool nk_nsm_read_datagram(struct nk_nsm *n, struct nk_nsm_sock *s, struct
 		return got != -EAGAIN;
 	}
 	nk_nsm_data(n, s, t, off, (uint32_t)want, prefix + (uint32_t)got, prefix);
+	nk_nsm_tc_add(n, s->vm_id, stack_bytes_in, got); /* SHM-7 */
 	return true;
 }
 
