@@ -95,6 +95,7 @@ struct ag_sock {
 	bool watching;           /* on the watch list: app end polled for its last close */
 	bool out_blocked;        /* the agent end was full: EPOLLOUT wanted */
 	bool release;            /* CLOSE answered: freed once no call names it */
+	bool waits_send;         /* counted in ag.send_waiters (see ag_sock_update) */
 	uint8_t listed;          /* on the pump list (1) or the starved list (2) */
 	uint32_t ncalls;         /* calls in flight that name this socket */
 	bool acceptable;         /* EV_ACCEPTABLE: the NSM holds connections for us */
@@ -136,6 +137,8 @@ struct ag {
 	struct nk_bufpool *pool;
 	struct ag_call *calls;
 	uint32_t ncalls, *free_tags, nfree;
+	uint32_t ctl_calls;      /* calls in flight other than SENDs: their replies are awaited */
+	uint32_t send_waiters;   /* sockets that cannot go on before a SEND is answered */
 	int64_t vm_id;
 	int engine_fd;
 	/* the loop */
@@ -151,6 +154,7 @@ struct ag {
 	bool ce_dead;            /* the CoreEngine is gone (RT-4, GL-9) */
 	bool nsm_dead;           /* EV_ERROR on socket 0: the NSM is gone (CE-19) */
 	bool stopping;           /* SIGTERM */
+	bool exiting;            /* GL-10: waiting for the last replies */
 	bool debug;              /* NK_AGENT_DEBUG: a line per CLOSE, counters at exit */
 	int nsm_err;
 	/* sockets */
@@ -181,7 +185,7 @@ int ag_publish(struct ag *a, uint32_t tag, uint64_t op_data);
 void ag_buf_return(struct ag *a, uint64_t off, uint32_t size);
 int ag_flush(struct ag *a);
 int ag_poll_rings(struct ag *a);
-bool ag_rings_prepare_sleep(struct ag *a);
+bool ag_rings_prepare_sleep(struct ag *a, bool *lazy);
 void ag_rings_finish_sleep(struct ag *a);
 void *ag_bell_main(void *arg);
 void ag_fail_calls(struct ag *a);

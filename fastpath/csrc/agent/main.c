@@ -421,11 +421,13 @@ static bool round_once(struct ag *a, bool busy)
 	int timeout = 0;
 	bool sleeping = false;
 	if (!busy && n == 0 && !a->pump) {
+		bool lazy;
 		sleeping = true;
-		if (ag_rings_prepare_sleep(a))
+		if (ag_rings_prepare_sleep(a, &lazy))
 			timeout = a->q.job.len || a->q.send.len ? AG_BUSY_SLEEP_MS
-				  : a->watch || a->throttled_listener || a->starved ? AG_TICK_MS
-										     : AG_SLEEP_MS;
+				  : a->watch || a->throttled_listener || a->starved || lazy
+				  ? AG_TICK_MS
+				  : AG_SLEEP_MS;
 	}
 	struct epoll_event evs[64];
 	int k = epoll_wait(a->epfd, evs, 64, timeout);
@@ -469,7 +471,7 @@ static int run(struct ag *a)
 			a->idle_since = -1;
 		}
 		if (a->stopping || (a->idle_since >= 0 && now - a->idle_since >= a->idle_ns)) {
-			exiting = true;
+			exiting = a->exiting = true; /* every reply is awaited from here on */
 			deadline = now + AG_EXIT_NS;
 			unlink(a->path); /* no new connection from here on */
 			epoll_ctl(a->epfd, EPOLL_CTL_DEL, a->listen_fd, NULL);

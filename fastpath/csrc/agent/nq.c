@@ -59,6 +59,8 @@ int ag_call_new(struct ag *a, uint8_t op, uint32_t sock_id, bool data)
 		return -EAGAIN;
 	uint32_t tag = a->free_tags[--a->nfree];
 	a->calls[tag] = (struct ag_call){ .used = true, .op = op, .sock_id = sock_id };
+	if (op != NK_OP_SEND)
+		a->ctl_calls++;
 	ag_sock_call_ref(a, sock_id, +1);
 	return (int)tag;
 }
@@ -70,6 +72,8 @@ void ag_call_free(struct ag *a, uint32_t tag)
 		nk_bufpool_free(a->pool, c->buf, NULL);
 	c->used = false;
 	c->size = 0;
+	if (c->op != NK_OP_SEND)
+		a->ctl_calls--;
 	a->free_tags[a->nfree++] = tag;
 	ag_sock_call_ref(a, c->sock_id, -1);
 	if (a->starved)
@@ -275,12 +279,31 @@ int ag_poll_rings(struct ag *a)
 	return total;
 }
 
-/* RING-6: NEED_WAKEUP on both incoming rings, then the re-check. True: both are empty,
- * the loop may sleep (the bell thread turns a ring of the DEVICE bell into the eventfd). */
-bool ag_rings_prepare_sleep(struct ag *a)
+/* Must a SEND's reply wake the loop? Only when something waits for one: a socket at
+ * AG_MAX_SENDS, starved of buffers or call slots, or whose shutdown or close waits for its
+ * SENDs, a control call (its reply is never a SEND's), or the exit (GL-10). Otherwise a
+ * SEND's reply only frees its buffer, and it is read at the next wake-up: in a
+ * request/response exchange the response's EV_DATA, a bell the loop sleeps for anyway. */
+static bool completions_wanted(const struct ag *a)
 {
+	return a->ctl_calls || a->send_waiters || a->starved || a->exiting;
+}
+
+/* RING-6: NEED_WAKEUP on the incoming rings, then the re-check. True: they are empty, the
+ * loop may sleep (the bell thread turns a ring of the DEVICE bell into the eventfd).
+ * COMPLETION gets the flag only when completions_wanted(): *lazy says it did not, and
+ * that SENDs are in flight whose replies the sleep must not outlast by much (RING-7). */
+bool ag_rings_prepare_sleep(struct ag *a, bool *lazy)
+{
+	*lazy = false;
 	if (a->ce_dead)
 		return true;
+	if (!completions_wanted(a)) {
+		/* the flag stays clear (finish_sleep cleared it): the CoreEngine does not ring
+		 * for replies; RING-6 holds for RECEIVE, which alone may wake us now */
+		*lazy = ag_calls_in_flight(a) != 0;
+		return nk_ring_prepare_sleep(&a->q.receive) == 1;
+	}
 	return nk_ring_prepare_sleep(&a->q.completion) == 1 &&
 	       nk_ring_prepare_sleep(&a->q.receive) == 1;
 }

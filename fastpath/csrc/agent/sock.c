@@ -33,6 +33,7 @@
 enum { LISTED_NONE = 0, LISTED_PUMP = 1, LISTED_STARVED = 2 };
 
 static void finish(struct ag *a, struct ag_sock *s);
+static void count_send_waiter(struct ag *a, struct ag_sock *s);
 
 /* ---- the table: IDs (ours, NQE-7) and app-end inodes ------------------------------- */
 
@@ -149,6 +150,7 @@ void ag_sock_discard(struct ag *a, struct ag_sock *s)
 		return;
 	}
 	s->freed = true;
+	count_send_waiter(a, s);
 	rx_drop(a, s);
 	if (s->fd >= 0) {
 		close(s->fd); /* leaves the epoll set with it */
@@ -230,8 +232,24 @@ static bool can_send(struct ag *a, const struct ag_sock *s)
 	return s->sends < AG_MAX_SENDS && s->listed != LISTED_STARVED;
 }
 
+/* Does the socket wait for a SEND's reply before it can go on (nq.c: completions_wanted)?
+ * At AG_MAX_SENDS, or its shutdown or close waits for the SENDs before it. */
+static void count_send_waiter(struct ag *a, struct ag_sock *s)
+{
+	bool w = !s->freed && s->sends &&
+		 (s->sends >= AG_MAX_SENDS || s->hup || s->in_eof || s->shut_pend);
+	if (w != s->waits_send) {
+		s->waits_send = w;
+		if (w)
+			a->send_waiters++;
+		else
+			a->send_waiters--;
+	}
+}
+
 void ag_sock_update(struct ag *a, struct ag_sock *s)
 {
+	count_send_waiter(a, s);
 	if (s->fd < 0 || s->freed)
 		return;
 	if (s->hup) { /* EPOLLHUP cannot be masked: the socket leaves the set, pumps drive it */
