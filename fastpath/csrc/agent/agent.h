@@ -35,6 +35,9 @@
 #define AG_SLEEP_MS 50         /* RING-7: every sleep is bounded */
 #define AG_BUSY_SLEEP_MS 1     /* while an outbox waits for ring room (RING-4: no bell) */
 #define AG_SPIN_NS 0          /* see main.c's round_once */
+#define AG_RET_HOLD_NS 1000000 /* BUF_RETURNs wait at most this long for a SEND (nq.c) */
+#define AG_RET_HOLD_MAX 32     /* ... or until this many wait */
+#define AG_RET_HOLD_BYTES (64u << 10) /* ... or until they return this many bytes */
 #define AG_TICK_MS 20          /* DETACHED header, watched sockets, throttled listeners */
 #define AG_EXIT_NS 5000000000LL /* GL-10: how long the exit waits for SEND/CLOSE replies */
 #define AG_CONN_MAX_PENDING 64 /* replies a connection may have queued before we stop reading */
@@ -139,6 +142,10 @@ struct ag {
 	uint32_t ncalls, *free_tags, nfree;
 	uint32_t ctl_calls;      /* calls in flight other than SENDs: their replies are awaited */
 	uint32_t send_waiters;   /* sockets that cannot go on before a SEND is answered */
+	bool send_due;           /* the SEND outbox holds a SEND: it goes out at the flush */
+	uint32_t ret_held;       /* BUF_RETURNs waiting in the SEND outbox (nq.c) */
+	uint64_t ret_held_bytes;
+	int64_t ret_held_since;
 	int64_t vm_id;
 	int engine_fd;
 	/* the loop */

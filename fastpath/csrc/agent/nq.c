@@ -125,12 +125,40 @@ static int outbox_flush(struct ag *a, struct nk_outbox *b)
 	return n < 0 ? (int)n : 0; /* RING-10 */
 }
 
+/* Does the SEND outbox go out now? A SEND does at once (the latency of a request is this
+ * hop). BUF_RETURNs alone may wait a little while the CoreEngine sleeps: ringing its bell
+ * for them alone wakes the CoreEngine and then the NSM only to take a buffer back, and in
+ * a request/response exchange the app's next write brings a SEND they can go out with.
+ * They wait at most AG_RET_HOLD_NS, and never for more than AG_RET_HOLD_MAX of them or
+ * AG_RET_HOLD_BYTES (the NSM stops reading when its receive buffers run out, NSM-16); a
+ * CoreEngine that is awake gets them at once (no bell is needed then). */
+static bool send_outbox_due(struct ag *a)
+{
+	if (!a->q.send.len)
+		return false;
+	if (a->send_due || a->exiting || a->ret_held >= AG_RET_HOLD_MAX ||
+	    a->ret_held_bytes >= AG_RET_HOLD_BYTES)
+		return true;
+	/* a stale answer costs at most one bell: nk_outbox_flush does the RING-6 check */
+	if (!nk_ring_consumer_sleeping(&a->q.send.ring))
+		return true;
+	return ag_now_ns() - a->ret_held_since >= AG_RET_HOLD_NS;
+}
+
 int ag_flush(struct ag *a)
 {
 	if (a->ce_dead)
 		return 0;
 	int rc = outbox_flush(a, &a->q.job);
-	return rc < 0 ? rc : outbox_flush(a, &a->q.send);
+	if (rc < 0 || !send_outbox_due(a))
+		return rc;
+	rc = outbox_flush(a, &a->q.send);
+	if (!a->q.send.len) {
+		a->send_due = false;
+		a->ret_held = 0;
+		a->ret_held_bytes = 0;
+	}
+	return rc;
 }
 
 /* Queue call `tag` on its ring's outbox (DEV-8: SEND on SEND, the rest on JOB); it is
@@ -141,8 +169,10 @@ int ag_publish(struct ag *a, uint32_t tag, uint64_t op_data)
 	struct nk_nqe n = { .op = c->op, .qset = AG_QSET, .sock_id = c->sock_id,
 			    .op_data = op_data, .data_ptr = c->size ? c->buf : 0,
 			    .size = c->size, .tag = (uint16_t)tag };
-	if (c->op == NK_OP_SEND)
+	if (c->op == NK_OP_SEND) {
 		a->n_sends++;
+		a->send_due = true;
+	}
 	return nk_outbox_add(c->op == NK_OP_SEND ? &a->q.send : &a->q.job, &n);
 }
 
@@ -152,7 +182,11 @@ void ag_buf_return(struct ag *a, uint64_t off, uint32_t size)
 	if (a->ce_dead)
 		return; /* the area is gone with the CoreEngine */
 	struct nk_nqe n = { .op = NK_OP_BUF_RETURN, .qset = AG_QSET, .data_ptr = off, .size = size };
-	nk_outbox_add(&a->q.send, &n);
+	if (nk_outbox_add(&a->q.send, &n) < 0)
+		return;
+	if (!a->ret_held++)
+		a->ret_held_since = ag_now_ns();
+	a->ret_held_bytes += size; /* see send_outbox_due */
 }
 
 /* ---- the dispatcher ------------------------------------------------------------------ */
