@@ -89,6 +89,8 @@ struct ag_sock {
 	uint32_t events;         /* epoll interest now; ~0u: not in the epoll set */
 	bool stream, listening, connecting, connected, settled;
 	bool in_eof;             /* the agent end read EOF: the app shut its sending side */
+	bool rd_ready;           /* the agent end may hold bytes: epoll said so, or the last
+				  * read filled what it asked for (sock.c: pump_in) */
 	bool hup;                /* EPOLLHUP: every app reference closed, or both sides shut */
 	bool wr_shut;            /* SHUTDOWN(WR or RDWR) sent to the NSM */
 	bool fin, fin_done;      /* EV_FIN got / the agent end shut for writing */
