@@ -1,12 +1,16 @@
 /* nk-agent's private declarations: the tenant's guest-side relay (include/nk/agent_proto.h,
  * spec/preload.md PRE-1..PRE-10).
  *
- * One process, two threads:
- *   - the loop thread owns everything: the tenant device's queue set 0 (rings, outboxes,
- *     the table of calls in flight), the agent ends, the control connections. It sleeps
- *     in epoll_wait() only (RING-6 before, RING-7: at most 50 ms);
- *   - the bell thread sleeps on the DEVICE bell (futex) and writes an eventfd whenever
- *     the bell word changed, as nsm.c's watcher does.
+ * One process, two threads, one lock (ag.lock) over all the state: the tenant device's
+ * queue set 0 (rings, outboxes, the table of calls in flight), the agent ends, the
+ * control connections.
+ *   - the loop thread holds the lock except while it sleeps in epoll_wait() (RING-6
+ *     before, RING-7: at most 50 ms): it serves the agent ends and control connections;
+ *   - the bell thread sleeps on the DEVICE bell (futex). While the loop sleeps, the rings
+ *     are the bell thread's: woken by the bell it takes the lock and does the loop's ring
+ *     work itself (replies, EV_DATA into the agent ends, the flush), so an NQE costs one
+ *     wake-up, not a hop through an eventfd to the loop. It writes the eventfd only when
+ *     the loop must look again (main.c: ring_work).
  *
  * Files: main.c (command line, attach, the loop, lifetime), nq.c (NQEs: calls, outboxes,
  * dispatch of replies and events), sock.c (the agent ends: filler, relay, close),
@@ -153,6 +157,9 @@ struct ag {
 	/* the loop */
 	int epfd, wake_fd, listen_fd, hold_fd, sig_fd, diag_fd;
 	pthread_t bell_thread;
+	pthread_mutex_t lock;    /* everything in here but quit (see the top of the file) */
+	bool loop_sleeping;      /* the loop is in its sleeping epoll_wait: the rings are the
+				  * bell thread's (under the lock) */
 	atomic_bool quit;
 	uint32_t bell_seen;
 	char *path;
@@ -196,6 +203,7 @@ int ag_flush(struct ag *a);
 int ag_poll_rings(struct ag *a);
 bool ag_rings_prepare_sleep(struct ag *a, bool *lazy);
 void ag_rings_finish_sleep(struct ag *a);
+bool ag_flush_waits(const struct ag *a);
 void *ag_bell_main(void *arg);
 void ag_fail_calls(struct ag *a);
 uint32_t ag_calls_in_flight(const struct ag *a);

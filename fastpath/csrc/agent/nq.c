@@ -324,7 +324,7 @@ static bool completions_wanted(const struct ag *a)
 }
 
 /* RING-6: NEED_WAKEUP on the incoming rings, then the re-check. True: they are empty, the
- * loop may sleep (the bell thread turns a ring of the DEVICE bell into the eventfd).
+ * loop may sleep (a ring of the DEVICE bell then wakes the bell thread, ag_bell_main).
  * COMPLETION gets the flag only when completions_wanted(): *lazy says it did not, and
  * that SENDs are in flight whose replies the sleep must not outlast by much (RING-7). */
 bool ag_rings_prepare_sleep(struct ag *a, bool *lazy)
@@ -350,23 +350,59 @@ void ag_rings_finish_sleep(struct ag *a)
 	nk_ring_finish_sleep(&a->q.receive);
 }
 
-/* The bell thread: wakes the loop (eventfd) whenever the DEVICE bell word changed since it
- * last looked, so a ring between its wake-up and its next wait is not lost (DEV-9). */
+/* Did the last flush leave something the loop must retry or time: NQEs waiting for ring
+ * room (RING-4: no bell says when), or a SEND outbox due that did not go out? BUF_RETURNs
+ * held back (send_outbox_due) are not: whoever sleeps next bounds its sleep by them. */
+bool ag_flush_waits(const struct ag *a)
+{
+	return a->q.job.len || (a->q.send.len && (a->send_due || a->exiting));
+}
+
+static void kick_loop(struct ag *a)
+{
+	uint64_t one = 1;
+	if (write(a->wake_fd, &one, sizeof(one)) < 0) {
+		/* EAGAIN: the counter is saturated, the loop is awake anyway */
+	}
+}
+
+/* The bell thread (agent.h). While the loop sleeps it does the loop's ring work: the
+ * rings, the pumps it starts, the flush, then the RING-6 handshake again before it
+ * sleeps. While the loop is awake it only waits: the loop polls the rings every round
+ * and sets NEED_WAKEUP again before it sleeps. The bell word is read before the last
+ * check of the rings (DEV-9), under the lock, so a ring after that check wakes us. */
 void *ag_bell_main(void *arg)
 {
 	struct ag *a = arg;
+	pthread_mutex_lock(&a->lock); /* the mutex orders everything we touch with the loop */
 	uint32_t seen = a->bell_seen;
 	while (!atomic_load_explicit(&a->quit, memory_order_acquire)) {
-		uint32_t now = nk_bell_value(a->q.device_bell);
-		if (now != seen) {
-			seen = now;
-			uint64_t one = 1;
-			if (write(a->wake_fd, &one, sizeof(one)) < 0) {
-				/* EAGAIN: the counter is saturated, the loop is awake anyway */
+		int64_t wait_ns = (int64_t)AG_SLEEP_MS * 1000000; /* RING-7 */
+		seen = nk_bell_value(a->q.device_bell);
+		if (a->loop_sleeping && !a->ce_dead) {
+			int n = ag_poll_rings(a);
+			ag_run_pumps(a);
+			if (n < 0 || ag_flush(a) < 0) {
+				kick_loop(a); /* RING-10: the loop's next poll finds it and gives up */
+			} else if (n > 0) {
+				continue; /* more may have come: the bell again, then the rings */
+			} else {
+				bool lazy;
+				if (!ag_rings_prepare_sleep(a, &lazy))
+					continue; /* work slipped in (RING-6) */
+				if (a->pump || ag_flush_waits(a))
+					kick_loop(a); /* the loop's timeout did not know of it */
+				if (a->q.send.len)
+					wait_ns = AG_RET_HOLD_NS; /* held BUF_RETURNs: ours to flush */
+				else if (lazy)
+					wait_ns = (int64_t)AG_TICK_MS * 1000000;
 			}
 		}
-		nk_bell_wait(a->q.device_bell, now, (int64_t)AG_SLEEP_MS * 1000000); /* RING-7 */
+		pthread_mutex_unlock(&a->lock);
+		nk_bell_wait(a->q.device_bell, seen, wait_ns);
+		pthread_mutex_lock(&a->lock);
 	}
+	pthread_mutex_unlock(&a->lock);
 	return NULL;
 }
 
