@@ -1,12 +1,16 @@
 /* nk-agent's private declarations: the tenant's guest-side relay (include/nk/agent_proto.h,
  * spec/preload.md PRE-1..PRE-10).
  *
- * One process, two threads:
- *   - the loop thread owns everything: the tenant device's queue set 0 (rings, outboxes,
- *     the table of calls in flight), the agent ends, the control connections. It sleeps
- *     in epoll_wait() only (RING-6 before, RING-7: at most 50 ms);
- *   - the bell thread sleeps on the DEVICE bell (futex) and writes an eventfd whenever
- *     the bell word changed, as nsm.c's watcher does.
+ * One process, two threads, one lock (ag.lock) over all the state: the tenant device's
+ * queue set 0 (rings, outboxes, the table of calls in flight), the agent ends, the
+ * control connections.
+ *   - the loop thread holds the lock except while it sleeps in epoll_wait() (RING-6
+ *     before, RING-7: at most 50 ms): it serves the agent ends and control connections;
+ *   - the bell thread sleeps on the DEVICE bell (futex). While the loop sleeps, the rings
+ *     are the bell thread's: woken by the bell it takes the lock and does the loop's ring
+ *     work itself (replies, EV_DATA into the agent ends, the flush), so an NQE costs one
+ *     wake-up, not a hop through an eventfd to the loop. It writes the eventfd only when
+ *     the loop must look again (main.c: ring_work).
  *
  * Files: main.c (command line, attach, the loop, lifetime), nq.c (NQEs: calls, outboxes,
  * dispatch of replies and events), sock.c (the agent ends: filler, relay, close),
@@ -35,6 +39,9 @@
 #define AG_SLEEP_MS 50         /* RING-7: every sleep is bounded */
 #define AG_BUSY_SLEEP_MS 1     /* while an outbox waits for ring room (RING-4: no bell) */
 #define AG_SPIN_NS 0          /* see main.c's round_once */
+#define AG_RET_HOLD_NS 1000000 /* BUF_RETURNs wait at most this long for a SEND (nq.c) */
+#define AG_RET_HOLD_MAX 32     /* ... or until this many wait */
+#define AG_RET_HOLD_BYTES (64u << 10) /* ... or until they return this many bytes */
 #define AG_TICK_MS 20          /* DETACHED header, watched sockets, throttled listeners */
 #define AG_EXIT_NS 5000000000LL /* GL-10: how long the exit waits for SEND/CLOSE replies */
 #define AG_CONN_MAX_PENDING 64 /* replies a connection may have queued before we stop reading */
@@ -86,6 +93,8 @@ struct ag_sock {
 	uint32_t events;         /* epoll interest now; ~0u: not in the epoll set */
 	bool stream, listening, connecting, connected, settled;
 	bool in_eof;             /* the agent end read EOF: the app shut its sending side */
+	bool rd_ready;           /* the agent end may hold bytes: epoll said so, or the last
+				  * read filled what it asked for (sock.c: pump_in) */
 	bool hup;                /* EPOLLHUP: every app reference closed, or both sides shut */
 	bool wr_shut;            /* SHUTDOWN(WR or RDWR) sent to the NSM */
 	bool fin, fin_done;      /* EV_FIN got / the agent end shut for writing */
@@ -95,6 +104,7 @@ struct ag_sock {
 	bool watching;           /* on the watch list: app end polled for its last close */
 	bool out_blocked;        /* the agent end was full: EPOLLOUT wanted */
 	bool release;            /* CLOSE answered: freed once no call names it */
+	bool waits_send;         /* counted in ag.send_waiters (see ag_sock_update) */
 	uint8_t listed;          /* on the pump list (1) or the starved list (2) */
 	uint32_t ncalls;         /* calls in flight that name this socket */
 	bool acceptable;         /* EV_ACCEPTABLE: the NSM holds connections for us */
@@ -136,11 +146,20 @@ struct ag {
 	struct nk_bufpool *pool;
 	struct ag_call *calls;
 	uint32_t ncalls, *free_tags, nfree;
+	uint32_t ctl_calls;      /* calls in flight other than SENDs: their replies are awaited */
+	uint32_t send_waiters;   /* sockets that cannot go on before a SEND is answered */
+	bool send_due;           /* the SEND outbox holds a SEND: it goes out at the flush */
+	uint32_t ret_held;       /* BUF_RETURNs waiting in the SEND outbox (nq.c) */
+	uint64_t ret_held_bytes;
+	int64_t ret_held_since;
 	int64_t vm_id;
 	int engine_fd;
 	/* the loop */
 	int epfd, wake_fd, listen_fd, hold_fd, sig_fd, diag_fd;
 	pthread_t bell_thread;
+	pthread_mutex_t lock;    /* everything in here but quit (see the top of the file) */
+	bool loop_sleeping;      /* the loop is in its sleeping epoll_wait: the rings are the
+				  * bell thread's (under the lock) */
 	atomic_bool quit;
 	uint32_t bell_seen;
 	char *path;
@@ -151,6 +170,7 @@ struct ag {
 	bool ce_dead;            /* the CoreEngine is gone (RT-4, GL-9) */
 	bool nsm_dead;           /* EV_ERROR on socket 0: the NSM is gone (CE-19) */
 	bool stopping;           /* SIGTERM */
+	bool exiting;            /* GL-10: waiting for the last replies */
 	bool debug;              /* NK_AGENT_DEBUG: a line per CLOSE, counters at exit */
 	int nsm_err;
 	/* sockets */
@@ -181,8 +201,9 @@ int ag_publish(struct ag *a, uint32_t tag, uint64_t op_data);
 void ag_buf_return(struct ag *a, uint64_t off, uint32_t size);
 int ag_flush(struct ag *a);
 int ag_poll_rings(struct ag *a);
-bool ag_rings_prepare_sleep(struct ag *a);
+bool ag_rings_prepare_sleep(struct ag *a, bool *lazy);
 void ag_rings_finish_sleep(struct ag *a);
+bool ag_flush_waits(const struct ag *a);
 void *ag_bell_main(void *arg);
 void ag_fail_calls(struct ag *a);
 uint32_t ag_calls_in_flight(const struct ag *a);

@@ -421,16 +421,25 @@ static bool round_once(struct ag *a, bool busy)
 	int timeout = 0;
 	bool sleeping = false;
 	if (!busy && n == 0 && !a->pump) {
+		bool lazy;
 		sleeping = true;
-		if (ag_rings_prepare_sleep(a))
-			timeout = a->q.job.len || a->q.send.len ? AG_BUSY_SLEEP_MS
-				  : a->watch || a->throttled_listener || a->starved ? AG_TICK_MS
-										     : AG_SLEEP_MS;
+		if (ag_rings_prepare_sleep(a, &lazy))
+			timeout = ag_flush_waits(a) || a->q.send.len ? AG_BUSY_SLEEP_MS
+				  : a->watch || a->throttled_listener || a->starved || lazy
+				  ? AG_TICK_MS
+				  : AG_SLEEP_MS;
 	}
 	struct epoll_event evs[64];
+	if (sleeping) { /* the rings are the bell thread's until we have the lock again */
+		a->loop_sleeping = true;
+		pthread_mutex_unlock(&a->lock);
+	}
 	int k = epoll_wait(a->epfd, evs, 64, timeout);
-	if (sleeping)
-		ag_rings_finish_sleep(a);
+	if (sleeping) {
+		pthread_mutex_lock(&a->lock);
+		a->loop_sleeping = false;
+		ag_rings_finish_sleep(a); /* we poll them every round from here on */
+	}
 	for (int i = 0; i < k; i++)
 		handle(a, &evs[i]);
 	ag_run_pumps(a);
@@ -441,6 +450,7 @@ static bool round_once(struct ag *a, bool busy)
 	return n > 0 || k > 0;
 }
 
+/* The loop; it holds a->lock except while it sleeps (round_once), and returns it. */
 static int run(struct ag *a)
 {
 	bool busy = true, exiting = false;
@@ -469,7 +479,7 @@ static int run(struct ag *a)
 			a->idle_since = -1;
 		}
 		if (a->stopping || (a->idle_since >= 0 && now - a->idle_since >= a->idle_ns)) {
-			exiting = true;
+			exiting = a->exiting = true; /* every reply is awaited from here on */
 			deadline = now + AG_EXIT_NS;
 			unlink(a->path); /* no new connection from here on */
 			epoll_ctl(a->epfd, EPOLL_CTL_DEL, a->listen_fd, NULL);
@@ -536,7 +546,8 @@ int main(int argc, char **argv)
 	}
 	/* DEV-9: the bell's value before the loop's first re-check, read here */
 	a->bell_seen = nk_bell_value(a->q.device_bell);
-	if (pthread_create(&a->bell_thread, NULL, ag_bell_main, a) != 0) {
+	if (pthread_mutex_init(&a->lock, NULL) != 0 ||
+	    pthread_create(&a->bell_thread, NULL, ag_bell_main, a) != 0) {
 		fprintf(stderr, "nk-agent: no bell thread\n");
 		return 1;
 	}
@@ -547,7 +558,9 @@ int main(int argc, char **argv)
 		}
 		close(o.ready_fd);
 	}
+	pthread_mutex_lock(&a->lock);
 	int rc = run(a);
+	pthread_mutex_unlock(&a->lock);
 	atomic_store_explicit(&a->quit, true, memory_order_release);
 	pthread_join(a->bell_thread, NULL); /* it sees quit within one sleep (RING-7) */
 	if (a->debug)

@@ -59,6 +59,8 @@ int ag_call_new(struct ag *a, uint8_t op, uint32_t sock_id, bool data)
 		return -EAGAIN;
 	uint32_t tag = a->free_tags[--a->nfree];
 	a->calls[tag] = (struct ag_call){ .used = true, .op = op, .sock_id = sock_id };
+	if (op != NK_OP_SEND)
+		a->ctl_calls++;
 	ag_sock_call_ref(a, sock_id, +1);
 	return (int)tag;
 }
@@ -70,6 +72,8 @@ void ag_call_free(struct ag *a, uint32_t tag)
 		nk_bufpool_free(a->pool, c->buf, NULL);
 	c->used = false;
 	c->size = 0;
+	if (c->op != NK_OP_SEND)
+		a->ctl_calls--;
 	a->free_tags[a->nfree++] = tag;
 	ag_sock_call_ref(a, c->sock_id, -1);
 	if (a->starved)
@@ -121,12 +125,40 @@ static int outbox_flush(struct ag *a, struct nk_outbox *b)
 	return n < 0 ? (int)n : 0; /* RING-10 */
 }
 
+/* Does the SEND outbox go out now? A SEND does at once (the latency of a request is this
+ * hop). BUF_RETURNs alone may wait a little while the CoreEngine sleeps: ringing its bell
+ * for them alone wakes the CoreEngine and then the NSM only to take a buffer back, and in
+ * a request/response exchange the app's next write brings a SEND they can go out with.
+ * They wait at most AG_RET_HOLD_NS, and never for more than AG_RET_HOLD_MAX of them or
+ * AG_RET_HOLD_BYTES (the NSM stops reading when its receive buffers run out, NSM-16); a
+ * CoreEngine that is awake gets them at once (no bell is needed then). */
+static bool send_outbox_due(struct ag *a)
+{
+	if (!a->q.send.len)
+		return false;
+	if (a->send_due || a->exiting || a->ret_held >= AG_RET_HOLD_MAX ||
+	    a->ret_held_bytes >= AG_RET_HOLD_BYTES)
+		return true;
+	/* a stale answer costs at most one bell: nk_outbox_flush does the RING-6 check */
+	if (!nk_ring_consumer_sleeping(&a->q.send.ring))
+		return true;
+	return ag_now_ns() - a->ret_held_since >= AG_RET_HOLD_NS;
+}
+
 int ag_flush(struct ag *a)
 {
 	if (a->ce_dead)
 		return 0;
 	int rc = outbox_flush(a, &a->q.job);
-	return rc < 0 ? rc : outbox_flush(a, &a->q.send);
+	if (rc < 0 || !send_outbox_due(a))
+		return rc;
+	rc = outbox_flush(a, &a->q.send);
+	if (!a->q.send.len) {
+		a->send_due = false;
+		a->ret_held = 0;
+		a->ret_held_bytes = 0;
+	}
+	return rc;
 }
 
 /* Queue call `tag` on its ring's outbox (DEV-8: SEND on SEND, the rest on JOB); it is
@@ -137,8 +169,10 @@ int ag_publish(struct ag *a, uint32_t tag, uint64_t op_data)
 	struct nk_nqe n = { .op = c->op, .qset = AG_QSET, .sock_id = c->sock_id,
 			    .op_data = op_data, .data_ptr = c->size ? c->buf : 0,
 			    .size = c->size, .tag = (uint16_t)tag };
-	if (c->op == NK_OP_SEND)
+	if (c->op == NK_OP_SEND) {
 		a->n_sends++;
+		a->send_due = true;
+	}
 	return nk_outbox_add(c->op == NK_OP_SEND ? &a->q.send : &a->q.job, &n);
 }
 
@@ -148,7 +182,11 @@ void ag_buf_return(struct ag *a, uint64_t off, uint32_t size)
 	if (a->ce_dead)
 		return; /* the area is gone with the CoreEngine */
 	struct nk_nqe n = { .op = NK_OP_BUF_RETURN, .qset = AG_QSET, .data_ptr = off, .size = size };
-	nk_outbox_add(&a->q.send, &n);
+	if (nk_outbox_add(&a->q.send, &n) < 0)
+		return;
+	if (!a->ret_held++)
+		a->ret_held_since = ag_now_ns();
+	a->ret_held_bytes += size; /* see send_outbox_due */
 }
 
 /* ---- the dispatcher ------------------------------------------------------------------ */
@@ -275,12 +313,31 @@ int ag_poll_rings(struct ag *a)
 	return total;
 }
 
-/* RING-6: NEED_WAKEUP on both incoming rings, then the re-check. True: both are empty,
- * the loop may sleep (the bell thread turns a ring of the DEVICE bell into the eventfd). */
-bool ag_rings_prepare_sleep(struct ag *a)
+/* Must a SEND's reply wake the loop? Only when something waits for one: a socket at
+ * AG_MAX_SENDS, starved of buffers or call slots, or whose shutdown or close waits for its
+ * SENDs, a control call (its reply is never a SEND's), or the exit (GL-10). Otherwise a
+ * SEND's reply only frees its buffer, and it is read at the next wake-up: in a
+ * request/response exchange the response's EV_DATA, a bell the loop sleeps for anyway. */
+static bool completions_wanted(const struct ag *a)
 {
+	return a->ctl_calls || a->send_waiters || a->starved || a->exiting;
+}
+
+/* RING-6: NEED_WAKEUP on the incoming rings, then the re-check. True: they are empty, the
+ * loop may sleep (a ring of the DEVICE bell then wakes the bell thread, ag_bell_main).
+ * COMPLETION gets the flag only when completions_wanted(): *lazy says it did not, and
+ * that SENDs are in flight whose replies the sleep must not outlast by much (RING-7). */
+bool ag_rings_prepare_sleep(struct ag *a, bool *lazy)
+{
+	*lazy = false;
 	if (a->ce_dead)
 		return true;
+	if (!completions_wanted(a)) {
+		/* the flag stays clear (finish_sleep cleared it): the CoreEngine does not ring
+		 * for replies; RING-6 holds for RECEIVE, which alone may wake us now */
+		*lazy = ag_calls_in_flight(a) != 0;
+		return nk_ring_prepare_sleep(&a->q.receive) == 1;
+	}
 	return nk_ring_prepare_sleep(&a->q.completion) == 1 &&
 	       nk_ring_prepare_sleep(&a->q.receive) == 1;
 }
@@ -293,23 +350,59 @@ void ag_rings_finish_sleep(struct ag *a)
 	nk_ring_finish_sleep(&a->q.receive);
 }
 
-/* The bell thread: wakes the loop (eventfd) whenever the DEVICE bell word changed since it
- * last looked, so a ring between its wake-up and its next wait is not lost (DEV-9). */
+/* Did the last flush leave something the loop must retry or time: NQEs waiting for ring
+ * room (RING-4: no bell says when), or a SEND outbox due that did not go out? BUF_RETURNs
+ * held back (send_outbox_due) are not: whoever sleeps next bounds its sleep by them. */
+bool ag_flush_waits(const struct ag *a)
+{
+	return a->q.job.len || (a->q.send.len && (a->send_due || a->exiting));
+}
+
+static void kick_loop(struct ag *a)
+{
+	uint64_t one = 1;
+	if (write(a->wake_fd, &one, sizeof(one)) < 0) {
+		/* EAGAIN: the counter is saturated, the loop is awake anyway */
+	}
+}
+
+/* The bell thread (agent.h). While the loop sleeps it does the loop's ring work: the
+ * rings, the pumps it starts, the flush, then the RING-6 handshake again before it
+ * sleeps. While the loop is awake it only waits: the loop polls the rings every round
+ * and sets NEED_WAKEUP again before it sleeps. The bell word is read before the last
+ * check of the rings (DEV-9), under the lock, so a ring after that check wakes us. */
 void *ag_bell_main(void *arg)
 {
 	struct ag *a = arg;
+	pthread_mutex_lock(&a->lock); /* the mutex orders everything we touch with the loop */
 	uint32_t seen = a->bell_seen;
 	while (!atomic_load_explicit(&a->quit, memory_order_acquire)) {
-		uint32_t now = nk_bell_value(a->q.device_bell);
-		if (now != seen) {
-			seen = now;
-			uint64_t one = 1;
-			if (write(a->wake_fd, &one, sizeof(one)) < 0) {
-				/* EAGAIN: the counter is saturated, the loop is awake anyway */
+		int64_t wait_ns = (int64_t)AG_SLEEP_MS * 1000000; /* RING-7 */
+		seen = nk_bell_value(a->q.device_bell);
+		if (a->loop_sleeping && !a->ce_dead) {
+			int n = ag_poll_rings(a);
+			ag_run_pumps(a);
+			if (n < 0 || ag_flush(a) < 0) {
+				kick_loop(a); /* RING-10: the loop's next poll finds it and gives up */
+			} else if (n > 0) {
+				continue; /* more may have come: the bell again, then the rings */
+			} else {
+				bool lazy;
+				if (!ag_rings_prepare_sleep(a, &lazy))
+					continue; /* work slipped in (RING-6) */
+				if (a->pump || ag_flush_waits(a))
+					kick_loop(a); /* the loop's timeout did not know of it */
+				if (a->q.send.len)
+					wait_ns = AG_RET_HOLD_NS; /* held BUF_RETURNs: ours to flush */
+				else if (lazy)
+					wait_ns = (int64_t)AG_TICK_MS * 1000000;
 			}
 		}
-		nk_bell_wait(a->q.device_bell, now, (int64_t)AG_SLEEP_MS * 1000000); /* RING-7 */
+		pthread_mutex_unlock(&a->lock);
+		nk_bell_wait(a->q.device_bell, seen, wait_ns);
+		pthread_mutex_lock(&a->lock);
 	}
+	pthread_mutex_unlock(&a->lock);
 	return NULL;
 }
 

@@ -33,6 +33,7 @@
 enum { LISTED_NONE = 0, LISTED_PUMP = 1, LISTED_STARVED = 2 };
 
 static void finish(struct ag *a, struct ag_sock *s);
+static void count_send_waiter(struct ag *a, struct ag_sock *s);
 
 /* ---- the table: IDs (ours, NQE-7) and app-end inodes ------------------------------- */
 
@@ -99,6 +100,7 @@ struct ag_sock *ag_sock_new(struct ag *a)
 	s->id = id;
 	s->fd = -1;
 	s->events = ~0u;
+	s->rd_ready = true; /* until a read finds the agent end empty */
 	a->socks[id - 1] = s;
 	a->live++;
 	return s;
@@ -149,6 +151,7 @@ void ag_sock_discard(struct ag *a, struct ag_sock *s)
 		return;
 	}
 	s->freed = true;
+	count_send_waiter(a, s);
 	rx_drop(a, s);
 	if (s->fd >= 0) {
 		close(s->fd); /* leaves the epoll set with it */
@@ -230,8 +233,24 @@ static bool can_send(struct ag *a, const struct ag_sock *s)
 	return s->sends < AG_MAX_SENDS && s->listed != LISTED_STARVED;
 }
 
+/* Does the socket wait for a SEND's reply before it can go on (nq.c: completions_wanted)?
+ * At AG_MAX_SENDS, or its shutdown or close waits for the SENDs before it. */
+static void count_send_waiter(struct ag *a, struct ag_sock *s)
+{
+	bool w = !s->freed && s->sends &&
+		 (s->sends >= AG_MAX_SENDS || s->hup || s->in_eof || s->shut_pend);
+	if (w != s->waits_send) {
+		s->waits_send = w;
+		if (w)
+			a->send_waiters++;
+		else
+			a->send_waiters--;
+	}
+}
+
 void ag_sock_update(struct ag *a, struct ag_sock *s)
 {
+	count_send_waiter(a, s);
 	if (s->fd < 0 || s->freed)
 		return;
 	if (s->hup) { /* EPOLLHUP cannot be masked: the socket leaves the set, pumps drive it */
@@ -323,6 +342,7 @@ static bool read_stream(struct ag *a, struct ag_sock *s)
 	if (ioctl(s->fd, FIONREAD, &avail) < 0 || avail <= 0)
 		avail = 1; /* nothing, or EOF: recv says which */
 	uint32_t want = (uint32_t)avail < AG_CHUNK_MAX ? (uint32_t)avail : AG_CHUNK_MAX;
+	bool more = (uint32_t)avail > want; /* FIONREAD saw bytes beyond this SEND */
 	uint64_t off;
 	if (ag_data_alloc(a, want, &off) < 0) {
 		starve(a, s); /* BUF-7: stop reading, never drop */
@@ -348,6 +368,8 @@ static bool read_stream(struct ag *a, struct ag_sock *s)
 		}
 		if (n == 0 || (e != EAGAIN && e != EINTR))
 			s->in_eof = true; /* the app shut its side (or closed it) */
+		if (n < 0 && e == EAGAIN)
+			s->rd_ready = false; /* empty: epoll says when bytes come */
 		return false;
 	}
 	struct ag_call *c = &a->calls[tag];
@@ -356,7 +378,13 @@ static bool read_stream(struct ag *a, struct ag_sock *s)
 	s->sends++;
 	s->read_total += (uint64_t)n;
 	ag_publish(a, (uint32_t)tag, 0);
-	return (uint32_t)n == want;
+	if ((uint32_t)n == want && more)
+		return true;
+	/* All FIONREAD saw is read. No recv to meet EAGAIN: the agent end is in the epoll set
+	 * with EPOLLIN, level-triggered (ag_sock_update: we read it and can send), so bytes
+	 * written since, or the EOF, show at the loop's next epoll_wait (PRE-4). */
+	s->rd_ready = false;
+	return false;
 }
 
 /* One datagram record (struct nk_ag_dgram + payload) becomes one SEND, the address as
@@ -370,6 +398,8 @@ static bool read_dgram(struct ag *a, struct ag_sock *s)
 	if (total <= 0) {
 		if (total == 0 || (errno != EAGAIN && errno != EINTR))
 			s->in_eof = true;
+		if (total < 0 && errno == EAGAIN)
+			s->rd_ready = false; /* empty: epoll says when a record comes */
 		return false;
 	}
 	if ((size_t)total < sizeof(h) || h.addrlen > sizeof(h.addr)) {
@@ -420,6 +450,11 @@ static void pump_in(struct ag *a, struct ag_sock *s)
 		read_void(a, s);
 		return;
 	}
+	/* Nothing to read since the last read emptied the agent end: a pump for another
+	 * reason (a SEND answered) makes no system call. After a hang-up the socket is out of
+	 * the epoll set (ag_sock_update) and every pump reads. */
+	if (!s->rd_ready && !s->hup)
+		return;
 	for (int i = 0; i < 64 && can_send(a, s) && !s->in_eof; i++)
 		if (!(s->stream ? read_stream(a, s) : read_dgram(a, s)))
 			break;
@@ -584,6 +619,7 @@ void ag_sock_settle(struct ag *a, struct ag_sock *s, int64_t result)
 		return;
 	s->connecting = false;
 	s->settled = true;
+	s->rd_ready = true; /* the app may write from now on: look */
 	if (result == 0)
 		s->connected = true;
 	else if (!s->so_error)
@@ -849,6 +885,8 @@ void ag_sock_ready(struct ag *a, struct ag_sock *s, uint32_t events)
 		s->hup = true;
 		took_reset(s);
 	}
+	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+		s->rd_ready = true;
 	if (events & EPOLLOUT)
 		s->out_blocked = false;
 	if ((events & EPOLLOUT) && s->listening)
