@@ -54,6 +54,7 @@ struct device {
 
 struct nk_ce {
 	struct nk_engine *engine;
+	unsigned spin; /* empty passes before the loop sleeps (NK_CE_SPIN, env NK_CE_SPIN) */
 	struct device *slots[NK_CE_MAX_DEVICES]; /* stable: source IDs name a slot */
 	struct device *by_id[3][256];
 	struct device *order[NK_CE_MAX_DEVICES]; /* polling order: attach order */
@@ -277,6 +278,10 @@ static void route(struct nk_ce *ce, const struct nk_out *outs, uint32_t n, int32
 struct nk_ce *nk_ce_new(const struct nk_engine_config *cfg)
 {
 	struct nk_ce *ce = calloc(1, sizeof(*ce));
+	if (ce) {
+		const char *spin = getenv("NK_CE_SPIN"); /* tuning, for bench/ */
+		ce->spin = spin && *spin ? (unsigned)strtoul(spin, NULL, 10) : NK_CE_SPIN;
+	}
 	if (!ce)
 		return NULL;
 	ce->engine = nk_engine_new(cfg);
@@ -568,7 +573,7 @@ int nk_ce_run(struct nk_ce *ce, int64_t timeout_ns)
 		if (nk_ce_poll(ce)) {
 			ce->stats.busy_passes++;
 			idle = 0;
-		} else if (++idle < NK_CE_SPIN) {
+		} else if (++idle < ce->spin) {
 			sched_yield();
 		} else {
 			idle = 0;

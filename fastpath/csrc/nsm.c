@@ -72,7 +72,12 @@
 #define NK_NSM_READS_PER_EVENT 8
 #define NK_NSM_MAX_BACKLOG 4096         /* net.core.somaxconn's default */
 #ifndef NK_NSM_SPIN_NS
-#define NK_NSM_SPIN_NS 50000 /* poll this long before sleeping (RING-7) */
+/* Poll this long before sleeping (RING-7). A wake-up from sleep costs the bell thread's
+ * hop; measured with `python -m bench --only rr --rounds 3 --seconds 2` (64 B request/
+ * response under `netkernel run`, 2 cores): 50 us gave 4.7-5.8k round trips/s, 200 us
+ * 8.4-9.8k, 1000 us 9.1-9.3k, 0 us 3.5-3.9k; 8 KB streaming was the same for all.
+ * Env NK_NSM_SPIN_US overrides it. */
+#define NK_NSM_SPIN_NS 250000
 #endif
 #define NK_NSM_MAX_SLEEP_MS 50          /* RING-7: the reference CoreEngine has no fences */
 #define NK_NSM_BUSY_SLEEP_MS 1          /* outputs wait for room, a ticket or a gate */
@@ -403,6 +408,7 @@ struct nk_nsm {
 	struct nk_nsm_counters c;
 	_Atomic uint64_t bell_wakeups;
 	int placement; /* enum nk_nsm_placement */
+	int64_t spin_ns; /* poll this long before sleeping (NK_NSM_SPIN_NS, env NK_NSM_SPIN_US) */
 	/* per tenant, read by other threads: every access is a relaxed atomic (nk_nsm_tc_add) */
 	struct nk_nsm_tenant_counters tc[256];
 	bool tc_mapped[256];
@@ -2402,7 +2408,7 @@ int nk_nsm_run(struct nk_nsm *n)
 	while (!atomic_load_explicit(&n->stop, memory_order_acquire) && !n->fatal) {
 		bool sleeping = false;
 		int timeout = 0;
-		if (idle_since >= 0 && nk_nsm_now_ns() - idle_since >= NK_NSM_SPIN_NS) {
+		if (idle_since >= 0 && nk_nsm_now_ns() - idle_since >= n->spin_ns) {
 			sleeping = nk_nsm_prepare_sleep(n);
 			timeout = nk_nsm_pending_outputs(n) ? NK_NSM_BUSY_SLEEP_MS : NK_NSM_MAX_SLEEP_MS;
 		}
@@ -2493,6 +2499,8 @@ struct nk_nsm *nk_nsm_new(void *base, uint64_t len, const char *runtime, int con
 	n->control_fd = control_fd;
 	n->stop_fd = stop_fd;
 	n->rx_chunk = NK_NSM_RX_CHUNK;
+	const char *spin = getenv("NK_NSM_SPIN_US"); /* tuning, for bench/ */
+	n->spin_ns = spin && *spin ? (int64_t)strtoull(spin, NULL, 10) * 1000 : NK_NSM_SPIN_NS;
 	n->nbuckets = 256;
 	n->buckets = calloc(n->nbuckets, sizeof(*n->buckets));
 	n->in = calloc(g.n_qsets * 2, sizeof(*n->in));
