@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -607,3 +608,37 @@ class Runtime:
         if self._shared is not None:
             self._shared.stop()
             self._shared = None
+
+
+# -- sockaddrs and option names as NQE buffers carry them (NQE-15) ---------------------
+
+LOOP, LOOP6 = "127.0.0.1", "::1"
+#: SOCKET's op_data: family | type << 16 (spec/nqe.md)
+STREAM = socket.AF_INET | socket.SOCK_STREAM << 16
+STREAM6 = socket.AF_INET6 | socket.SOCK_STREAM << 16
+DGRAM = socket.AF_INET | socket.SOCK_DGRAM << 16
+
+
+def sa4(host: str, port: int) -> bytes:
+    """NQE-15: a Linux sockaddr_in."""
+    return (struct.pack("<H", socket.AF_INET) + struct.pack(">H", port)
+            + socket.inet_aton(host) + bytes(8))
+
+
+def sa6(host: str, port: int) -> bytes:
+    """NQE-15: a Linux sockaddr_in6."""
+    return (struct.pack("<H", socket.AF_INET6) + struct.pack(">HI", port, 0)
+            + socket.inet_pton(socket.AF_INET6, host) + struct.pack("<I", 0))
+
+
+def parse_sa(raw: bytes) -> tuple[str, int]:
+    """(host, port) of a sockaddr_in or sockaddr_in6."""
+    family, port = struct.unpack_from("<H", raw)[0], struct.unpack_from(">H", raw, 2)[0]
+    if family == socket.AF_INET:
+        return socket.inet_ntoa(raw[4:8]), port
+    return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+
+
+def opt(level: int, name: int) -> int:
+    """SETSOCKOPT/GETSOCKOPT ``op_data``: the level, and the option name above bit 32."""
+    return level | name << 32

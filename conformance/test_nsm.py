@@ -38,12 +38,21 @@ import pytest
 
 from netkernel.conformance.plugin import _role
 from netkernel.conformance.runtime import (
+    DGRAM,
     GRANULE,
+    LOOP,
+    LOOP6,
+    STREAM,
+    STREAM6,
     EngineDouble,
     Instance,
     RawTenant,
     Runtime,
+    opt,
+    parse_sa,
     peer_sees,
+    sa4,
+    sa6,
     wait_until,
 )
 from netkernel.conformance.targets import Process, Target
@@ -51,37 +60,11 @@ from netkernel.reference import bufpool
 from netkernel.reference import device as dev
 from netkernel.reference.nqe import CLOSE_ABORT, NQE, Op
 
-LOOP = "127.0.0.1"
-LOOP6 = "::1"
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
-STREAM = AF_INET | socket.SOCK_STREAM << 16
-DGRAM = AF_INET | socket.SOCK_DGRAM << 16
-STREAM6 = AF_INET6 | socket.SOCK_STREAM << 16
 ACCEPT_NOWAIT = 1 << 32
 REPLY = 0x80
 #: DEV-8: the ring an NSM answers on, for the ring a call came in on.
 PAIRED = {dev.RingId.COMPLETION: dev.RingId.JOB, dev.RingId.RECEIVE: dev.RingId.SEND}
-
-
-def sa4(host: str, port: int) -> bytes:
-    """NQE-15: a Linux sockaddr_in."""
-    return struct.pack("<H", AF_INET) + struct.pack(">H", port) + socket.inet_aton(host) + bytes(8)
-
-
-def sa6(host: str, port: int) -> bytes:
-    return (struct.pack("<H", AF_INET6) + struct.pack(">HI", port, 0)
-            + socket.inet_pton(AF_INET6, host) + struct.pack("<I", 0))
-
-
-def parse_sa(raw: bytes) -> tuple[str, int]:
-    family, port = struct.unpack_from("<H", raw)[0], struct.unpack_from(">H", raw, 2)[0]
-    if family == AF_INET:
-        return socket.inet_ntoa(raw[4:8]), port
-    return socket.inet_ntop(AF_INET6, raw[8:24]), port
-
-
-def opt(level: int, name: int) -> int:
-    return level | name << 32
 
 
 def of(sock: int, op: Op | None = None) -> Callable[[NQE], bool]:

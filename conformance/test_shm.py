@@ -28,38 +28,27 @@ from typing import Any
 import pytest
 
 from netkernel.conformance.plugin import require_feature
-from netkernel.conformance.runtime import Instance, RawTenant, Runtime, wait_until
+from netkernel.conformance.runtime import (
+    LOOP,
+    LOOP6,
+    STREAM,
+    STREAM6,
+    Instance,
+    RawTenant,
+    Runtime,
+    opt,
+    parse_sa,
+    sa4,
+    sa6,
+    wait_until,
+)
 from netkernel.conformance.targets import Launcher, Target
 from netkernel.reference.nqe import CLOSE_ABORT, NQE, Op
 
-LOOP = "127.0.0.1"
-LOOP6 = "::1"
 AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
-STREAM = AF_INET | socket.SOCK_STREAM << 16
-STREAM6 = AF_INET6 | socket.SOCK_STREAM << 16
 ACCEPT_NOWAIT = 1 << 32
 MSG_DONTWAIT = 0x40
 CHUNK = 32 << 10
-
-
-def sa4(host: str, port: int) -> bytes:
-    return struct.pack("<H", AF_INET) + struct.pack(">H", port) + socket.inet_aton(host) + bytes(8)
-
-
-def sa6(host: str, port: int) -> bytes:
-    return (struct.pack("<H", AF_INET6) + struct.pack(">HI", port, 0)
-            + socket.inet_pton(AF_INET6, host) + struct.pack("<I", 0))
-
-
-def parse_sa(raw: bytes) -> tuple[str, int]:
-    family, port = struct.unpack_from("<H", raw)[0], struct.unpack_from(">H", raw, 2)[0]
-    if family == AF_INET:
-        return socket.inet_ntoa(raw[4:8]), port
-    return socket.inet_ntop(AF_INET6, raw[8:24]), port
-
-
-def opt(level: int, name: int) -> int:
-    return level | name << 32
 
 
 def of(sock: int, op: Op | None = None) -> Any:
@@ -214,22 +203,25 @@ class Raw:
         return self.t.do(Op.CLOSE, s, op_data)
 
 
-@pytest.fixture
-def a(inst: Instance) -> Iterator[Raw]:
-    t = RawTenant(inst.dir, name="shm-a")
+@contextlib.contextmanager
+def _raw(inst: Instance, name: str) -> Iterator[Raw]:
+    t = RawTenant(inst.dir, name=name)
     try:
         yield Raw(t)
     finally:
         t.close()
+
+
+@pytest.fixture
+def a(inst: Instance) -> Iterator[Raw]:
+    with _raw(inst, "shm-a") as t:
+        yield t
 
 
 @pytest.fixture
 def b(inst: Instance) -> Iterator[Raw]:
-    t = RawTenant(inst.dir, name="shm-b")
-    try:
-        yield Raw(t)
-    finally:
-        t.close()
+    with _raw(inst, "shm-b") as t:
+        yield t
 
 
 def pair(server: Raw, client: Raw, family: int = AF_INET) -> tuple[int, int, int]:

@@ -1262,22 +1262,23 @@ static bool nk_nsm_try_send(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_n
 	}
 }
 
-/* NSM-6: SEND, op_data = MSG_* flags | destination sockaddr length << 32. */
-static void nk_nsm_send(struct nk_nsm *n, const struct nk_nsm_call *call,
-			struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+/* NSM-6: a SEND (op_data = MSG_* flags | destination sockaddr length << 32) as a
+ * struct nk_nsm_send; false once answered (-EFAULT, -EINVAL). */
+static bool nk_nsm_send_of(struct nk_nsm *n, const struct nk_nsm_call *call,
+			   struct nk_nsm_tenant *t, struct nk_nsm_send *p)
 {
 	const struct nk_nqe *q = &call->nqe;
 	uint32_t dest_len = (uint32_t)((q->op_data >> 32) & 0xFFFF);
 	char *buf;
 	if (nk_nsm_address(t, q->data_ptr, q->size, &buf) < 0) {
 		nk_nsm_reply(n, call, -EFAULT);
-		return;
+		return false;
 	}
 	if (dest_len > q->size) {
 		nk_nsm_reply(n, call, -EINVAL);
-		return;
+		return false;
 	}
-	struct nk_nsm_send p = {
+	*p = (struct nk_nsm_send){
 		.call = *call,
 		.payload = q->size ? buf + dest_len : NULL,
 		.dest = dest_len ? buf : NULL,
@@ -1285,17 +1286,43 @@ static void nk_nsm_send(struct nk_nsm *n, const struct nk_nsm_call *call,
 		.dest_len = dest_len,
 		.flags = (int)(q->op_data & NK_NSM_SEND_FLAGS),
 	};
-	if (s->sendq.len) { /* NQE-16: behind the SENDs already waiting */
-		if (p.flags & MSG_DONTWAIT)
-			nk_nsm_reply(n, call, -EAGAIN);
-		else
-			q_push(&s->sendq, &p);
+	return true;
+}
+
+/* NQE-16: a SEND goes behind the SENDs already waiting (with MSG_DONTWAIT it is answered
+ * -EAGAIN instead); false when none waits. */
+static bool nk_nsm_send_behind(struct nk_nsm *n, struct nk_nsm_sock *s,
+			       const struct nk_nsm_send *p)
+{
+	if (!s->sendq.len)
+		return false;
+	if (p->flags & MSG_DONTWAIT)
+		nk_nsm_reply(n, &p->call, -EAGAIN);
+	else
+		q_push(&s->sendq, p);
+	return true;
+}
+
+static void nk_nsm_send(struct nk_nsm *n, const struct nk_nsm_call *call,
+			struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
+{
+	struct nk_nsm_send p;
+	if (!nk_nsm_send_of(n, call, t, &p) || nk_nsm_send_behind(n, s, &p))
 		return;
-	}
 	if (!nk_nsm_try_send(n, s, &p)) {
 		q_push(&s->sendq, &p);
 		nk_nsm_update(n, s);
 	}
+}
+
+/* SHUTDOWN's `how` is one of Linux's, else the call is answered -EINVAL (NSM-4). */
+static bool nk_nsm_shut_how(struct nk_nsm *n, const struct nk_nsm_call *call)
+{
+	uint64_t how = call->nqe.op_data;
+	if (how == SHUT_RD || how == SHUT_WR || how == SHUT_RDWR)
+		return true;
+	nk_nsm_reply(n, call, -EINVAL);
+	return false;
 }
 
 static void nk_nsm_shutdown(struct nk_nsm *n, const struct nk_nsm_call *call,
@@ -1303,10 +1330,8 @@ static void nk_nsm_shutdown(struct nk_nsm *n, const struct nk_nsm_call *call,
 {
 	(void)t;
 	uint64_t how = call->nqe.op_data;
-	if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) {
-		nk_nsm_reply(n, call, -EINVAL);
+	if (!nk_nsm_shut_how(n, call))
 		return;
-	}
 	if (s->sendq.len && how != SHUT_RD) { /* NSM-6: the FIN goes after the queued bytes */
 		s->shut_wr_later = true;
 		nk_nsm_reply(n, call, how == SHUT_RDWR ? nk_nsm_rc(shutdown(s->fd, SHUT_RD)) : 0);
@@ -1891,34 +1916,17 @@ static void nk_nsm_pair_connect_call(struct nk_nsm *n, const struct nk_nsm_call 
 static void nk_nsm_pair_send(struct nk_nsm *n, const struct nk_nsm_call *call,
 			     struct nk_nsm_tenant *t, struct nk_nsm_sock *s)
 {
-	const struct nk_nqe *q = &call->nqe;
-	uint32_t dest_len = (uint32_t)((q->op_data >> 32) & 0xFFFF);
-	char *buf;
-	if (nk_nsm_address(t, q->data_ptr, q->size, &buf) < 0) {
-		nk_nsm_reply(n, call, -EFAULT);
+	struct nk_nsm_send p;
+	if (!nk_nsm_send_of(n, call, t, &p))
 		return;
-	}
-	if (dest_len > q->size) {
-		nk_nsm_reply(n, call, -EINVAL);
-		return;
-	}
 	if (s->wr_done || s->shut_wr_later) { /* after SHUT_WR, as Linux: EPIPE */
 		nk_nsm_reply(n, call, -EPIPE);
 		return;
 	}
-	struct nk_nsm_send p = {
-		.call = *call,
-		.payload = q->size ? buf + dest_len : NULL, /* TCP ignores a destination */
-		.length = q->size - dest_len,
-		.flags = (int)(q->op_data & NK_NSM_SEND_FLAGS),
-	};
-	if (s->sendq.len) { /* NQE-16: behind the SENDs already waiting */
-		if (p.flags & MSG_DONTWAIT)
-			nk_nsm_reply(n, call, -EAGAIN);
-		else
-			q_push(&s->sendq, &p);
+	p.dest = NULL; /* TCP ignores a destination */
+	p.dest_len = 0;
+	if (nk_nsm_send_behind(n, s, &p))
 		return;
-	}
 	if (!nk_nsm_pair_try(n, s, &p))
 		q_push(&s->sendq, &p);
 	nk_nsm_pair_ends(n, s);
@@ -1931,10 +1939,8 @@ static void nk_nsm_pair_shutdown(struct nk_nsm *n, const struct nk_nsm_call *cal
 {
 	(void)t;
 	uint64_t how = call->nqe.op_data;
-	if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) {
-		nk_nsm_reply(n, call, -EINVAL);
+	if (!nk_nsm_shut_how(n, call))
 		return;
-	}
 	if (s->reset_given) { /* a reset connection is closed: ENOTCONN, as Linux */
 		nk_nsm_reply(n, call, -ENOTCONN);
 		return;
