@@ -181,6 +181,22 @@ def test_the_lingering_close_test_catches_a_loop_that_blocks(tmp_path: Path) -> 
     assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout
 
 
+def test_the_flow_control_test_catches_a_paired_connection_that_drops(tmp_path: Path) -> None:
+    """A build with -DNK_BROKEN_PAIR_DROP answers a paired SEND whole when the peer's
+    slice is full and drops the rest: the SHM-6 conformance test must fail on it."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, CFLAGS="-DNK_BROKEN_PAIR_DROP")
+    built = subprocess.run([sys.executable, str(root / "fastpath" / "build.py"), "--out",
+                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    env = dict(os.environ, NETKERNEL_FASTPATH_EXT=built.stdout.strip().splitlines()[-1])
+    test = "test_a_reader_that_stops_stops_its_writer_and_nothing_is_lost"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          f"conformance/test_shm.py::{test}", "--target", "fastpath"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout
+
+
 # -- 2. differential: the reference NSM and the C NSM, call for call ----------------------------
 
 
