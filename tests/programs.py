@@ -418,14 +418,13 @@ def nsm_bytes(name: str) -> int:
     return total
 
 
-def tenant(name: str, program: str) -> dict[str, Any] | None:
-    """The CoreEngine's status entry of the newest attached tenant whose agent is named
-    ``program`` (``netkernel run`` names it after the command), if there is one. (An
-    earlier run's agent may still be attached for a moment: it leaves once idle.)"""
-    found = [entry for entry in nk_instance.status(name)["tenants"]
-             if entry.get("name") == program and entry.get("attached")]
-    newest: dict[str, Any] | None = max(found, key=lambda e: int(e["id"]), default=None)
-    return newest
+def tenants(name: str, program: str) -> list[dict[str, Any]]:
+    """The CoreEngine's status entries of the attached tenants whose agent is named
+    ``program`` (``netkernel run`` names it after the command). An earlier run's agent
+    may still be attached for a moment (it leaves once idle), and IDs are reused lowest
+    first (CE-22), so the newest run's is not told by its ID: callers look at all."""
+    return [entry for entry in nk_instance.status(name)["tenants"]
+            if entry.get("name") == program and entry.get("attached")]
 
 
 # ---- the programs' reports -------------------------------------------------------------
