@@ -47,25 +47,30 @@ def stats_path(runtime: Path, nsm_id: int) -> Path:
     return runtime / f"nsm-{nsm_id}.stats.json"
 
 
-def write_stats(nsm: servicelib.ServiceLib, path: Path, placement: str) -> None:
-    """Replace ``path`` atomically with every mapped tenant's counters."""
+def write_stats(nsm: servicelib.ServiceLib, path: Path, placement: str,
+                last: str = "") -> str:
+    """Replace ``path`` atomically with every mapped tenant's counters, unless they are
+    ``last`` (the text written before); returns the text."""
     tenants = {}
     for vm in range(1, 255):
         c = nsm.tenant_counters(vm)
         if c is not None:
             tenants[str(vm)] = c
-    doc = {"nsm": nsm.att.nsm_id, "placement": placement, "tenants": tenants}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps({"nsm": nsm.att.nsm_id, "placement": placement, "tenants": tenants}) + "\n"
+    if text != last:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return text
 
 
-def _stats_loop(nsm: servicelib.ServiceLib, path: Path, placement: str,
+def _stats_loop(nsm: servicelib.ServiceLib, path: Path, placement: str, last: str,
                 done: threading.Event) -> None:
-    """While the C loop runs (the GIL is released in nk_nsm_run): rewrite the stats file."""
+    """While the C loop runs (the GIL is released in nk_nsm_run): rewrite the stats file
+    when the counters changed."""
     while not done.wait(STATS_PERIOD):
         try:
-            write_stats(nsm, path, placement)
+            last = write_stats(nsm, path, placement, last)
         except OSError as exc:  # the runtime directory is gone: the instance is going down
             log.debug("stats file: %s", exc)
 
@@ -102,10 +107,11 @@ def main(argv: Sequence[str] | None = None, *, placement: str = "kernel",
     nsm = servicelib.ServiceLib(att, stop_fd=rfd, placement=placement)
     path = stats_path(att.runtime, att.nsm_id)
     done = threading.Event()
-    stats = threading.Thread(target=_stats_loop, args=(nsm, path, placement, done),
-                             name="nsm-stats", daemon=True)
+    last = ""
     with contextlib.suppress(OSError):
-        write_stats(nsm, path, placement)
+        last = write_stats(nsm, path, placement)
+    stats = threading.Thread(target=_stats_loop, args=(nsm, path, placement, last, done),
+                             name="nsm-stats", daemon=True)
     stats.start()
     try:
         why = nsm.run()

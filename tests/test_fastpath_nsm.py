@@ -166,35 +166,33 @@ def test_a_lingering_close_does_not_block_the_loop(rig: FakeCoreEngine) -> None:
             assert rig.do(Op.CLOSE, 2) == 0
 
 
-def test_the_lingering_close_test_catches_a_loop_that_blocks(tmp_path: Path) -> None:
-    """A build with -DNK_BROKEN_LINGER closes lingering sockets in the loop itself: the
-    test above must fail on it."""
+def _fails_with_broken_build(tmp_path: Path, flag: str, *test: str) -> None:
+    """Build the extension with ``-D<flag>`` and run pytest on ``test`` with it (the
+    CoreEngine and NSM processes inherit it): exactly one test must fail."""
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, CFLAGS="-DNK_BROKEN_LINGER")
+    env = dict(os.environ, CFLAGS=f"-D{flag}")
     built = subprocess.run([sys.executable, str(root / "fastpath" / "build.py"), "--out",
                             str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr
     env = dict(os.environ, NETKERNEL_FASTPATH_EXT=built.stdout.strip().splitlines()[-1])
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          f"{__file__}::test_a_lingering_close_does_not_block_the_loop"],
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *test],
                          env=env, capture_output=True, text=True, timeout=600, cwd=root)
     assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout
+
+
+def test_the_lingering_close_test_catches_a_loop_that_blocks(tmp_path: Path) -> None:
+    """A build with -DNK_BROKEN_LINGER closes lingering sockets in the loop itself: the
+    test above must fail on it."""
+    _fails_with_broken_build(tmp_path, "NK_BROKEN_LINGER",
+                             f"{__file__}::test_a_lingering_close_does_not_block_the_loop")
 
 
 def test_the_flow_control_test_catches_a_paired_connection_that_drops(tmp_path: Path) -> None:
     """A build with -DNK_BROKEN_PAIR_DROP answers a paired SEND whole when the peer's
     slice is full and drops the rest: the SHM-6 conformance test must fail on it."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, CFLAGS="-DNK_BROKEN_PAIR_DROP")
-    built = subprocess.run([sys.executable, str(root / "fastpath" / "build.py"), "--out",
-                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
-    assert built.returncode == 0, built.stderr
-    env = dict(os.environ, NETKERNEL_FASTPATH_EXT=built.stdout.strip().splitlines()[-1])
-    test = "test_a_reader_that_stops_stops_its_writer_and_nothing_is_lost"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          f"conformance/test_shm.py::{test}", "--target", "fastpath"],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=root)
-    assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout
+    _fails_with_broken_build(
+        tmp_path, "NK_BROKEN_PAIR_DROP", "--target", "fastpath",
+        "conformance/test_shm.py::test_a_reader_that_stops_stops_its_writer_and_nothing_is_lost")
 
 
 # -- 2. differential: the reference NSM and the C NSM, call for call ----------------------------
