@@ -126,7 +126,9 @@ class Launcher:
     """How to start the process that plays a role, for one instance.
 
     ``argv`` is a command line in which ``{instance}`` is replaced by the name
-    of the instance the suite created and ``{python}`` by this interpreter.
+    of the instance the suite created and ``{python}`` by this interpreter. With
+    ``{device}`` in it, the suite attaches the NSM device and the program gets
+    its path there and the control connection on ``NETKERNEL_CONTROL_FD`` (RT-7).
     The process runs with ``NETKERNEL_INSTANCE`` set to that name (and
     ``NETKERNEL_ROOT`` passed on when set), its output going to ``log``.
     """
@@ -144,6 +146,10 @@ class Launcher:
     def start(self, instance: str, log: Path | IO[bytes] | None = None) -> Process:
         argv = [a.replace("{instance}", instance).replace("{python}", sys.executable)
                 for a in self.argv]
+        if any("{device}" in a for a in argv):
+            # RT-7: the suite attaches the device for the program, which then holds the
+            # control connection on NETKERNEL_CONTROL_FD (conformance/execshim.py)
+            argv = [sys.executable, "-m", "netkernel.conformance.execshim", "--", *argv]
         env = dict(os.environ, NETKERNEL_INSTANCE=instance, PYTHONUNBUFFERED="1")
         with contextlib.ExitStack() as stack:
             out: Any = subprocess.DEVNULL
