@@ -487,3 +487,77 @@ def test_bar_size() -> None:
     """VM-1: the file of a guest device is the smallest power of two holding it."""
     assert [shm.bar_size(n) for n in (1, 2, 3, 4096, 4097, 4231168)] == \
         [2, 2, 4, 4096, 8192, 8 << 20]
+
+
+def ce_cpu_seconds(name: str) -> float:
+    pid = int(rce.request({"cmd": "status"}, name)["pid"])
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+FLIP_C = r"""
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+/* flip DEVICE OFFSET SECONDS: add 1 to the u32 at OFFSET as fast as a CPU can, as a
+ * guest's vCPU can write its BAR */
+int main(int argc, char **argv)
+{
+	if (argc != 4)
+		return 2;
+	int fd = open(argv[1], O_RDWR);
+	size_t off = strtoul(argv[2], NULL, 10);
+	double secs = atof(argv[3]);
+	char *m = fd < 0 ? MAP_FAILED : mmap(NULL, off + 4, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (m == MAP_FAILED)
+		return 1;
+	volatile uint32_t *bell = (volatile uint32_t *)(m + off);
+	struct timespec t0, t;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (uint64_t i = 1;; i++) {
+		*bell = *bell + 1;
+		if ((i & 0xFFFF) == 0) {
+			clock_gettime(CLOCK_MONOTONIC, &t);
+			if ((double)(t.tv_sec - t0.tv_sec) + (double)(t.tv_nsec - t0.tv_nsec) / 1e9 > secs)
+				return 0;
+		}
+	}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_a_guest_flipping_its_bell_cannot_keep_the_coreengine_awake(tmp_path: Path) -> None:
+    """VM-2, VM-5: the CoreEngine does not wait on a POLLED device's bell word, so a guest
+    that changes it without end (here a C loop, a vCPU's speed) costs it no more than
+    its bounded polling; were the word in its futex_waitv, every change between its read
+    and the wait would end the sleep at once."""
+    cc = shutil.which("cc")
+    assert cc is not None
+    (tmp_path / "flip.c").write_text(FLIP_C)
+    subprocess.run([cc, "-O2", "-o", str(tmp_path / "flip"), str(tmp_path / "flip.c")],
+                   check=True)
+    with time_limit(60), own_instance() as name, guest_device(name) as g:
+        off = g.dmap.geo.bell_offset(0, dev.Bell.ENGINE)
+        flip = subprocess.Popen([str(tmp_path / "flip"), str(g.path), str(off), "3"])
+        try:
+            time.sleep(0.3)
+            c0, t0 = ce_cpu_seconds(name), time.monotonic()
+            loop0 = rce.request({"cmd": "status"}, name)["loop"]
+            time.sleep(2.0)
+            loop1 = rce.request({"cmd": "status"}, name)["loop"]
+            share = (ce_cpu_seconds(name) - c0) / (time.monotonic() - t0)
+        finally:
+            assert flip.wait(10) == 0
+        sleeps, woken = (loop1.get(k, 0) - loop0.get(k, 0) for k in ("sleeps", "wakeups"))
+        print(f"while the guest flips its bell: {sleeps} sleeps, {woken} ended early,"
+              f" the CoreEngine used {share:.1%} of a core")
+        # its sleeps end by their bound; only our two status requests (the control word)
+        # may end one early
+        assert sleeps > 100 and woken <= 4, (sleeps, woken)
+        port = port_of(g)  # and it still answers
+        port.push_raw(unknown_op(2, 3), dev.RingId.JOB)
+        assert port.wait_reply(2, 3)[1].result == -38
