@@ -81,6 +81,10 @@ EXAMPLES: Final[dict[str, tuple[str, ref.NQE]]] = {
     "ev-data": ("An EV_DATA event: 1448 bytes arrived in the receive half",
                 ref.NQE(op=ref.Op.EV_DATA, vm_id=3, sock_id=7, data_ptr=_RECEIVE_HALF + 16384,
                         size=1448)),
+    "tenant-map": ("A TENANT_MAP from the CoreEngine: serve VM 3, whose receive half"
+                   " (the default geometry's) is all this NSM's slice",
+                   ref.NQE(op=ref.Op.TENANT_MAP, vm_id=3, op_data=3, data_ptr=_RECEIVE_HALF,
+                           size=device.Geometry().data_size - _RECEIVE_HALF, tag=3)),
     "unknown-op": ("The reply to a request with an op no one knows (0x30)",
                    ref.NQE(op=0x30, sock_id=7, tag=4).reply(-_ENOSYS)),
 }
@@ -611,10 +615,13 @@ def engine_walkthrough() -> list[tuple[str, str, str, list[tuple[str, str]]]]:
 
 
 def gen_engine_walkthrough(_: list[str], page: Page) -> str:
+    def code(text: str) -> str:  # `…` would show a table's escaped pipe as \|
+        return "<code>" + html.escape(text).replace("|", "&#124;") + "</code>"
+
     rows = []
     for i, (what, src, n, outs) in enumerate(engine_walkthrough(), start=1):
-        written = "<br>".join(f"{dst}: `{out}`" for dst, out in outs) or "—"
-        rows.append((i, what, f"{src}: `{n}`", written))
+        written = "<br>".join(f"{dst}: {code(out)}" for dst, out in outs) or "—"
+        rows.append((i, what, f"{src}: {code(n)}", written))
     return _table(["step", "what happens", "read from", "written to"], rows)
 
 
@@ -754,6 +761,10 @@ def sockstate_edges(kind: sockstate.Kind) -> dict[tuple[str, str, bool], list[st
     return edges
 
 
+def event_or_call(event: bool) -> str:
+    return "event" if event else "call"
+
+
 def sockstate_dot(kind: sockstate.Kind) -> str:
     valid = sockstate.TCP_STATES if kind is sockstate.Kind.TCP else sockstate.UDP_STATES
     idle = sockstate.To.IDLE.value
@@ -771,11 +782,15 @@ def sockstate_dot(kind: sockstate.Kind) -> str:
     for s in valid:
         extra = ', fillcolor="#f3f3f3", color="#888888"' if s is sockstate.State.CLOSED else ""
         lines.append(f"{_q(s.value)} [label={_q(s.value)}{extra}];")
-    for (src, dst, event), labels in edges.items():
-        attrs = [f"label={_q(chr(10).join(labels))}"]
+    for i, ((src, dst, event), labels) in enumerate(edges.items()):
+        # The id says what the edge stands for; tests/test_docs.py reads it back.
+        attrs = [f"label={_q(chr(10).join(labels))}",
+                 f"id={_q(f'nk-edge{i}|{src}|{dst}|{event_or_call(event)}')}"]
         if event:
             attrs.append('style=dashed, color="#c2185b", fontcolor="#c2185b"')
         if dst == idle:  # into the box: the socket lands in one of the two states
+            if src == sockstate.State.UNBOUND.value:
+                continue  # holds no port: stays UNBOUND
             dst = sockstate.State.BOUND.value if src != sockstate.State.BOUND.value else (
                 sockstate.State.UNBOUND.value)
             if src not in (s.value for s in _IDLE_STATES):
