@@ -12,7 +12,15 @@ with text built from the reference at build time:
 ``<!-- nk:device-header -->``     device header table (``HEADER_STRUCT``, ``HEADER_DOC``)
 ``<!-- nk:device-map -->``        the offsets of a device region, from ``Geometry``
 ``<!-- nk:ring-header -->``       a ring's index lines (``ring.TAIL`` ...)
-``<!-- nk:requirements -->``      every requirement in ``spec/``, linked
+``<!-- nk:requirements -->``      every requirement in ``spec/``, linked, with the tests naming it
+``<!-- nk:requirement-counts -->`` how many requirements are tested, untestable, neither
+``<!-- nk:device-geometry -->``   the sizes of the devices the runtime creates
+``<!-- nk:sockstate-table KIND -->`` a socket type's transitions (``sockstate.render_table``)
+``<!-- nk:engine-walkthrough -->`` the reference engine switching one socket's life, NQE by NQE
+``<!-- nk:engine-rings -->``      which NSM ring the engine forwards each op to
+``<!-- nk:engine-buffers -->``    which half each op's buffer must lie in (``engine.HALF``)
+``<!-- nk:diagram NAME CAPTION -->`` a diagram of :data:`DIAGRAMS`, drawn by Graphviz
+``<!-- nk:cli-options CMD… -->``  a command's usage and options, from ``cli.build_parser()``
 ``<!-- nk:target-roles -->``      the roles a conformance target provides
 ``<!-- nk:report-example -->``    one requirement's entry in a ``--nk-report`` file
 ``<!-- nk:cli ARGS -->``          ``netkernel ARGS`` and its real output
@@ -24,6 +32,11 @@ error. The spec files (``spec/*.md``) are added to the site under ``spec/``
 (:func:`on_files`), every requirement heading gets its ID as anchor
 (``spec/nqe/#NQE-4``), and the "Specification" nav entry is expanded to the
 spec files that exist (:func:`on_config`).
+
+Diagrams are Graphviz source built here from the reference and drawn with
+``dot -Tsvg`` into ``diagrams/NAME.svg`` (:func:`on_files`); without ``dot``
+(Debian package ``graphviz``) the build stops and says so, and a warning from
+``dot`` fails a strict build. Nothing is fetched from the network.
 """
 
 from __future__ import annotations
