@@ -76,6 +76,8 @@ class Target:
     features: frozenset[str] = frozenset()
     #: Roles the target deliberately does not implement, with the reason the report gives.
     not_applicable: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: The implementation's version, as the certification report states it.
+    version: str | None = None
 
     def role(self, name: str) -> Any:
         try:
