@@ -133,11 +133,18 @@ for _name in targets.ROLES:
 
 
 @pytest.fixture(scope="session")
-def nk_runtime(target: targets.Target,
+def nk_runtime(target: targets.Target, pytestconfig: pytest.Config,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[runtime.Runtime]:
     """The session's running instances (CoreEngine, NSM), started when a test first asks:
-    the target's processes, the reference's where the target has none (targets.py)."""
-    rt = runtime.Runtime(target, tmp_path_factory.mktemp("nk-logs"))
+    the target's processes, the reference's where the target has none (targets.py).
+    Their output goes to ``logs/`` in the ``--nk-report-dir``, else to a temporary dir."""
+    directory = pytestconfig.getoption("--nk-report-dir")
+    if directory:
+        logs = Path(directory) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+    else:
+        logs = tmp_path_factory.mktemp("nk-logs")
+    rt = runtime.Runtime(target, logs)
     try:
         yield rt
     finally:
@@ -169,6 +176,7 @@ _OUTCOMES: list[nkreport.Outcome] = []
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     report.nk_req = req_ids(item)
+    report.nk_nodeid = _report_nodeid(item)
     if report.failed:
         report.nk_failure = _failure(item, call, report)
     return report
@@ -183,7 +191,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     outcome = "failed" if report.failed else ("skipped" if report.skipped else "passed")
     failure = getattr(report, "nk_failure", {})
     _OUTCOMES.append(nkreport.Outcome(
-        list(getattr(report, "nk_req", [])), report.nodeid, outcome, reason, report.when,
+        list(getattr(report, "nk_req", [])), getattr(report, "nk_nodeid", report.nodeid),
+        outcome, reason, report.when,
         failure.get("error", ""), failure.get("details", ""), failure.get("reproduce", {})))
 
 
@@ -228,6 +237,25 @@ def _failure(item: pytest.Item, call: pytest.CallInfo[None],
     return {"error": error, "details": details, "reproduce": repro}
 
 
+def _suite_module(item: pytest.Item) -> str | None:
+    """``netkernel.conformance.test_x`` for a test of the suite, else None."""
+    try:
+        rel = item.path.resolve().relative_to(nkreport.SUITE_DIR)
+    except ValueError:
+        return None
+    return ".".join(("netkernel", "conformance", *rel.with_suffix("").parts))
+
+
+def _report_nodeid(item: pytest.Item) -> str:
+    """The test's ID in the report: pytest's node ID, or, for a suite test run from outside
+    the rootdir (``--pyargs`` from an installed copy, whose node IDs lose their file part),
+    the ``module::test`` form that ``pytest --pyargs`` takes."""
+    if not item.nodeid.startswith("::"):
+        return item.nodeid
+    module = _suite_module(item)
+    return f"{module}{item.nodeid}" if module else item.nodeid
+
+
 def _rerun_command(item: pytest.Item) -> str:
     """The command line that reruns one test the way this run ran it: a suite test by its
     module name (works from a checkout and from an installed copy), any other by node ID
@@ -235,11 +263,10 @@ def _rerun_command(item: pytest.Item) -> str:
     config = item.config
     nodeid = item.nodeid
     tail = nodeid.split("::", 1)[1] if "::" in nodeid else ""
-    try:
-        rel = item.path.resolve().relative_to(nkreport.SUITE_DIR)
-        module = ".".join(("netkernel", "conformance", *rel.with_suffix("").parts))
+    module = _suite_module(item)
+    if module:
         argv = ["pytest", "--pyargs", f"{module}::{tail}" if tail else module]
-    except ValueError:
+    else:
         argv = ["pytest", nodeid, "--rootdir", str(config.rootpath)]
     argv += ["--target", config.getoption("--target")]
     if config.getoption("--nk-certify"):

@@ -397,6 +397,9 @@ def summary_lines(doc: dict[str, Any], written: list[Path], exit_status: int) ->
         lines.append("  failing optional (SHOULD/MAY): " + " ".join(v["failed_optional"]))
     if v["failed_unattributed_tests"]:
         lines.append("  failing suite checks: " + " ".join(v["failed_unattributed_tests"]))
+    if doc["summary"].get("not-tested"):
+        lines.append(f"  partial run: {doc['summary']['not-tested']} requirement(s) not tested"
+                     " (a certification runs the whole suite)")
     for path in written:
         lines.append(f"  report: {path}")
     lines.append(f"  exit status: {exit_status}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -56,8 +57,11 @@ def certify(tmp_path: Path, target: str, *args: str) -> tuple[subprocess.Complet
     return proc, json.loads((out / "report.json").read_text()), out
 
 
-def last_lines(stdout: str, n: int) -> list[str]:
-    return [ln for ln in stdout.splitlines() if ln.strip()][-n:]
+def verdict_after_pytest(stdout: str) -> tuple[str, list[str]]:
+    """pytest's own summary line and every line printed after it (the verdict)."""
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    [at] = [i for i, ln in enumerate(lines) if re.search(r"\d+ (passed|failed).* in [\d.]+s", ln)]
+    return lines[at], lines[at + 1:]
 
 
 def test_a_failing_must_fails_the_run_and_every_report_names_it(tmp_path: Path) -> None:
@@ -104,11 +108,13 @@ def test_a_failing_must_fails_the_run_and_every_report_names_it(tmp_path: Path) 
     assert suite_props["netkernel.spec.digest"] == doc["spec"]["digest"]
 
     # the verdict is the run's last words, after pytest's own summary line
-    tail = last_lines(proc.stdout, 9)
-    assert "1 failed, 1 passed" in tail[0], tail
-    assert tail[1].startswith("NetKernel certification of tests.broken_targets:lax_codec: FAIL")
-    assert "failing mandatory (MUST/MUST NOT): NQE-4 NQE-10" in tail[3]
-    assert tail[-1] == "  exit status: 1"
+    pytest_line, verdict = verdict_after_pytest(proc.stdout)
+    assert "1 failed, 1 passed" in pytest_line
+    assert verdict[0].startswith("NetKernel certification of tests.broken_targets:lax_codec: FAIL")
+    assert "  failing mandatory (MUST/MUST NOT): NQE-4 NQE-10" in verdict
+    assert f"  report: {out / 'report.html'}" in verdict
+    assert f"  report: {out / 'junit.xml'}" in verdict
+    assert verdict[-1] == "  exit status: 1"
 
     # the reproduction command, run as written, fails the same test the same way
     argv = shlex.split(repro["command"])
@@ -130,11 +136,12 @@ def test_failing_only_an_optional_requirement_passes_the_run(tmp_path: Path) -> 
                                   failed_optional=["RING-8"])
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert doc["implementation"]["version"] == "0.0-test"
-    tail = last_lines(proc.stdout, 9)
-    assert "1 failed, 1 passed" in tail[0], tail
-    assert "PASS: no mandatory requirement failed (1 optional requirement(s) failed)" in tail[1]
-    assert tail[3] == "  failing optional (SHOULD/MAY): RING-8"
-    assert tail[-1] == "  exit status: 0"
+    pytest_line, verdict = verdict_after_pytest(proc.stdout)
+    assert "1 failed, 1 passed" in pytest_line
+    assert verdict[0].endswith(
+        "PASS: no mandatory requirement failed (1 optional requirement(s) failed)")
+    assert "  failing optional (SHOULD/MAY): RING-8" in verdict
+    assert verdict[-1] == "  exit status: 0"
     assert "| RING-8 | MAY | **failed** |" in (out / "report.md").read_text()
 
 
@@ -154,7 +161,7 @@ def test_without_certify_any_failure_fails_the_run(tmp_path: Path) -> None:
     assert isinstance(seed, str) and seed.isdigit()
     [failure] = doc["failures"]
     assert failure["reproduce"]["command"].endswith(f"--hypothesis-seed={seed}")
-    assert last_lines(proc.stdout, 1) == ["  exit status: 1"]
+    assert verdict_after_pytest(proc.stdout)[1][-1] == "  exit status: 1"
 
 
 def test_a_failing_test_that_names_no_requirement_fails_a_certification(
