@@ -82,7 +82,7 @@ def pytest_configure(config: pytest.Config) -> None:
     directory = config.getoption("--nk-report-dir")
     if directory and not getattr(config.option, "xmlpath", None):
         config.option.xmlpath = str(Path(directory) / nkreport.FILES["junit"])
-    if (_reporting(config) and not settings.default.derandomize
+    if (_reporting(config) and not settings().derandomize
             and config.getoption("hypothesis_seed", None) is None):
         # a report's failures must be reproducible: fix the seed and write it down
         config.option.hypothesis_seed = str(random.getrandbits(32))
@@ -279,7 +279,7 @@ def _rerun_command(item: pytest.Item) -> str:
 
 
 def _run_info(config: pytest.Config) -> dict[str, Any]:
-    s = settings.default
+    s = settings()  # the current defaults (the profile loaded)
     seed = config.getoption("hypothesis_seed", None)
     return {
         "certify": bool(config.getoption("--nk-certify")),
@@ -321,7 +321,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         except (SystemExit, Exception):  # a broken --target was reported already
             target = None
     doc = nkreport.build(_OUTCOMES, target_spec=config.getoption("--target"), target=target,
-                         certify=certify, run=config.stash.get(_RUN, None) or _run_info(config))
+                         certify=certify, run=config.stash.get(_RUN, None) or _run_info(config),
+                         pytest_status=int(session.exitstatus))
     _junit_properties(config, doc)
     json_path = config.getoption("--nk-report")
     directory = config.getoption("--nk-report-dir")

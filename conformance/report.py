@@ -167,9 +167,14 @@ def requirement_status(
     return out
 
 
+#: pytest's exit statuses that end a run before it can judge anything.
+NO_VERDICT = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
+
+
 def build(outcomes: list[Outcome], *, target_spec: str, target: targets.Target | None,
-          certify: bool, run: dict[str, Any]) -> dict[str, Any]:
-    """The report document (the JSON report)."""
+          certify: bool, run: dict[str, Any], pytest_status: int = 0) -> dict[str, Any]:
+    """The report document (the JSON report). ``pytest_status`` is pytest's exit status
+    before the certification rule: 2 to 5 leave the run without a verdict."""
     known = requirements.load()
     status = requirement_status(known, [(o.req, o.nodeid, o.outcome, o.reason)
                                         for o in outcomes if o.req])
@@ -182,8 +187,8 @@ def build(outcomes: list[Outcome], *, target_spec: str, target: targets.Target |
                  "error": o.error, "reproduce": o.reproduce, "details": o.details}
                 for o in outcomes if o.outcome == "failed"]
     mandatory = [rid for rid in failing if is_mandatory(known[rid].level)]
-    unattributed = sorted({f["nodeid"] for f in failures if not f["requirements"]})
-    passed = not mandatory and not unattributed
+    unattributed = sorted({o.nodeid for o in outcomes if o.outcome == "failed" and not o.req})
+    passed = not mandatory and not unattributed and pytest_status not in NO_VERDICT
     return {
         "target": target_spec,
         "certify": certify,
@@ -193,6 +198,7 @@ def build(outcomes: list[Outcome], *, target_spec: str, target: targets.Target |
             "failed_mandatory": mandatory,
             "failed_optional": [rid for rid in failing if rid not in mandatory],
             "failed_unattributed_tests": unattributed,
+            "no_verdict": NO_VERDICT.get(pytest_status),
             "rule": "a run fails exactly when a MUST or MUST NOT requirement fails (or a test"
                     " naming no requirement fails: the suite's own checks)",
         },
@@ -221,6 +227,8 @@ def _reqs_by_status(doc: dict[str, Any]) -> dict[str, list[str]]:
 
 def _headline(doc: dict[str, Any]) -> str:
     v = doc["verdict"]
+    if v.get("no_verdict"):
+        return f"NO VERDICT: the run ended early ({v['no_verdict']})"
     if v["passed"]:
         extra = (f" ({len(v['failed_optional'])} optional requirement(s) failed)"
                  if v["failed_optional"] else "")
@@ -303,7 +311,7 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 vertical-align:top;text-align:left}th{background:#f3f3f3}code,pre{font:12px ui-monospace,monospace}
 pre{background:#f6f6f6;padding:.5em;overflow-x:auto;white-space:pre-wrap}
 .verdict{font-size:1.3em;font-weight:bold;padding:.5em;border-radius:4px}
-.PASS{background:#dfd}.FAIL{background:#fdd}.failed{background:#fdd}.passed{background:#efe}
+.PASS{background:#dfd}.FAIL,.NO{background:#fdd}.failed{background:#fdd}.passed{background:#efe}
 .unsupported,.not-applicable,.untestable,.not-tested{color:#666}
 """
 
@@ -316,7 +324,7 @@ def html_page(doc: dict[str, Any]) -> str:
            f"<title>NetKernel certification: {e(doc['target'])}</title>",
            f"<style>{_CSS}</style></head><body>",
            f"<h1>NetKernel certification report: <code>{e(doc['target'])}</code></h1>",
-           f'<p class="verdict {head.split(":")[0]}">{e(head)}</p>', "<table>"]
+           f'<p class="verdict {head.split()[0].rstrip(":")}">{e(head)}</p>', "<table>"]
     out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _facts(doc)]
     out += ["</table>", "<h2>Summary</h2>", "<table><tr><th>status</th><th>requirements</th></tr>"]
     out += [f'<tr class="{e(s)}"><td>{e(s)}</td><td>{n}</td></tr>'

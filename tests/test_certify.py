@@ -173,3 +173,13 @@ def test_a_failing_test_that_names_no_requirement_fails_a_certification(
     assert doc["verdict"]["failed_optional"] == ["A-1"]
     assert doc["verdict"]["failed_unattributed_tests"] == ["self"]
     assert report.certification_exit(doc) == 1
+
+
+def test_a_run_that_ended_early_has_no_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    known = {"A-1": requirements.Requirement("A-1", "t", "x.md", "MUST", ("codec",), None)}
+    monkeypatch.setattr(requirements, "load", lambda *a: known)
+    doc = report.build([], target_spec="x", target=None, certify=True, run={}, pytest_status=4)
+    assert doc["verdict"]["passed"] is False and doc["verdict"]["no_verdict"] == "usage error"
+    lines = report.summary_lines(doc, [], 4)
+    assert "NO VERDICT: the run ended early (usage error)" in lines[0]
+    assert 'class="verdict NO"' in report.html_page(doc)
