@@ -12,6 +12,7 @@ does not claim skips it as *unsupported* (:func:`require_feature`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import random
@@ -59,6 +60,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--nk-report-dir", metavar="DIR", default=None,
                     help="write every report into DIR: report.json, report.md, report.html"
                          " and junit.xml (unless --junitxml names another file)")
+    group.addoption("--nk-target-version", metavar="VERSION", default=None,
+                    help="the version of the implementation under test, for the report"
+                         " (overrides the target's own; e.g. for an exec: target)")
     group.addoption("--nk-certify", action="store_true",
                     help="certification run: reproducible (hypothesis profile 'certify'); the"
                          " exit status is non-zero exactly when a MUST/MUST NOT requirement"
@@ -320,6 +324,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             target = _target(config)
         except (SystemExit, Exception):  # a broken --target was reported already
             target = None
+    version = config.getoption("--nk-target-version")
+    if target is not None and version:
+        target = dataclasses.replace(target, version=version)
     doc = nkreport.build(_OUTCOMES, target_spec=config.getoption("--target"), target=target,
                          certify=certify, run=config.stash.get(_RUN, None) or _run_info(config),
                          pytest_status=int(session.exitstatus))

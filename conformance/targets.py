@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.metadata
 import os
 import shlex
 import signal
@@ -204,7 +205,15 @@ def reference() -> Target:
                              for role, mod in _REFERENCE_MODULES.items() if role != "nsm"}
     roles["coreengine"] = WithProcess(roles["coreengine"], REFERENCE_PROCESSES["coreengine"])
     roles["nsm"] = REFERENCE_PROCESSES["nsm"]
-    return Target("reference", roles, frozenset({"FUTEX_BELLS"}), dict(REFERENCE_NOT_APPLICABLE))
+    return Target("reference", roles, frozenset({"FUTEX_BELLS"}), dict(REFERENCE_NOT_APPLICABLE),
+                  version=_distribution_version())
+
+
+def _distribution_version() -> str | None:
+    try:
+        return importlib.metadata.version("netkernel")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 #: What the reference deliberately leaves to other targets, and why (the report says it).

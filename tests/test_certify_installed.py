@@ -55,7 +55,8 @@ def test_installed_package_certifies_outside_the_checkout(tmp_path: Path) -> Non
         out = work / ("ref" if target == "reference" else "nsm")
         run = subprocess.run(
             [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", *tests,
-             "--target", target, "--nk-certify", "--nk-report-dir", str(out)],
+             "--target", target, "--nk-certify", "--nk-report-dir", str(out),
+             "--nk-target-version", "9.9"],
             cwd=work, capture_output=True, text=True, timeout=300, env=env)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         doc = json.loads((out / "report.json").read_text())
@@ -64,6 +65,7 @@ def test_installed_package_certifies_outside_the_checkout(tmp_path: Path) -> Non
         assert Path(doc["spec"]["path"]) == site / "netkernel" / "spec"
         assert doc["spec"]["version"] == "v1"
         assert doc["target"] == target and doc["verdict"]["passed"]
+        assert doc["implementation"]["version"] == "9.9"
         passed = [rid for rid, e in doc["requirements"].items() if e["status"] == "passed"]
         assert passed, doc["summary"]
         assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "report.html",
