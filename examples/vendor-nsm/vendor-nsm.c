@@ -637,6 +637,14 @@ static void read_stream(struct sock *s)
 		uint64_t off = slice_alloc(t, avail < MAX_CHUNK ? avail : MAX_CHUNK, 1, &room);
 
 		if (off == UINT64_MAX) {
+#ifdef VENDOR_BROKEN
+			/* DEFECT 3: a full slice drops what arrives instead of
+			 * leaving it in the stack. */
+			char junk[4096];
+
+			if (recv(s->fd, junk, sizeof(junk), MSG_DONTWAIT) > 0)
+				continue;
+#endif
 			pause_reading(s); /* BUF-7: the data stays in the stack */
 			return;
 		}
