@@ -341,10 +341,12 @@ struct tenant {
 	uint8_t *data; /* the tenant's data area (DEV-10) */
 	struct geometry g;
 	uint64_t slice_off, slice_len; /* our slice of its receive half (BUF-8) */
-	uint32_t granules;
+	uint32_t granules, free;
 	uint32_t *lent; /* per granule: size of the buffer lent from it, 0 = none */
 	uint8_t *used;  /* per granule: in a lent buffer */
-	int paused;     /* sockets waiting for room (NSM-16) */
+	uint32_t *owner_id;     /* per granule: the socket a buffer was lent for */
+	uint64_t *owner_serial; /* ... and which socket of that ID */
+	int paused;             /* sockets waiting for room (NSM-16) */
 };
 
 static struct tenant *tenants[256];
@@ -381,21 +383,11 @@ static uint64_t slice_alloc(struct tenant *t, uint64_t want, uint64_t min, uint6
 	if (best_len > need)
 		best_len = need;
 	memset(t->used + best, 1, best_len);
+	t->free -= best_len;
 	*room = (uint64_t)best_len * t->g.buf_size;
 	return t->slice_off + (uint64_t)best * t->g.buf_size;
 }
 
-/* Give back the granules of [off, off + len) that `keep` bytes do not use. */
-static void slice_trim(struct tenant *t, uint64_t off, uint64_t room, uint64_t keep)
-{
-	uint32_t first = (off - t->slice_off) / t->g.buf_size;
-	uint32_t had = room / t->g.buf_size;
-	uint32_t kept = (keep + t->g.buf_size - 1) / t->g.buf_size;
-
-	memset(t->used + first + kept, 0, had - kept);
-	if (kept)
-		t->lent[first] = keep; /* BUF-4: lent until its BUF_RETURN */
-}
 
 static void tenant_free(int vm)
 {
@@ -406,6 +398,8 @@ static void tenant_free(int vm)
 	munmap(t->map, t->map_len);
 	free(t->lent);
 	free(t->used);
+	free(t->owner_id);
+	free(t->owner_serial);
 	free(t);
 	tenants[vm] = NULL;
 }
@@ -438,6 +432,8 @@ struct sock {
 	bool any_event;
 	uint32_t last_event;
 	uint32_t announced; /* connections announced by EV_ACCEPTABLE */
+	uint64_t serial;    /* tells sockets of one ID apart over time */
+	uint32_t held;      /* granules of the slice lent for this socket */
 	struct call *connect;
 	struct call *sends, **sends_tail;
 	struct call *accepts, **accepts_tail;
@@ -478,6 +474,9 @@ static struct sock *sock_new(uint8_t vm, uint32_t id, int fd, int type, int fami
 	s->fd = fd;
 	s->type = type;
 	s->family = family;
+	static uint64_t serials;
+
+	s->serial = ++serials;
 	s->sends_tail = &s->sends;
 	s->accepts_tail = &s->accepts;
 	/* UDP delivers datagrams from the start; TCP once connected (below). */
@@ -573,6 +572,54 @@ static uint8_t *tenant_buf(uint8_t vm, uint64_t ptr)
 
 /* ---- Pushing what arrives (NSM-15, NSM-16) -------------------------------- */
 
+/*
+ * NSM-16's variation, a per-socket share, is what keeps a program alive: a
+ * socket may hold at most 1/8 of the slice, and a socket that holds buffers
+ * already may not take the last 1/8. Without it the buffers of sockets the
+ * application does not read at the moment (iperf3's data streams at the end of
+ * a test) fill the slice, and the byte it waits for on another socket (its
+ * control connection) never gets a buffer.
+ */
+static uint64_t buf_get(struct sock *s, uint64_t want, uint64_t min, uint64_t *room)
+{
+	struct tenant *t = tenants[s->vm];
+	uint64_t gsize = t->g.buf_size;
+	uint32_t share = t->granules / 8 ? t->granules / 8 : 1;
+	uint32_t reserve = t->granules / 8;
+	uint32_t need = (min + gsize - 1) / gsize;
+	uint64_t cap = (uint64_t)(s->held < share ? share - s->held : 0) * gsize;
+
+	if (s->held) {
+		if (s->held + need > share || t->free < reserve + need)
+			return UINT64_MAX;
+		if (cap > (uint64_t)(t->free - reserve) * gsize)
+			cap = (uint64_t)(t->free - reserve) * gsize;
+	}
+	if (want > cap)
+		want = cap;
+	if (want < min)
+		want = min;
+	return slice_alloc(t, want, min, room);
+}
+
+/* Keep `keep` bytes of a buffer from buf_get, lent for s (BUF-4); free the rest. */
+static void buf_keep(struct sock *s, uint64_t off, uint64_t room, uint64_t keep)
+{
+	struct tenant *t = tenants[s->vm];
+	uint32_t first = (off - t->slice_off) / t->g.buf_size;
+	uint32_t had = room / t->g.buf_size;
+	uint32_t kept = (keep + t->g.buf_size - 1) / t->g.buf_size;
+
+	memset(t->used + first + kept, 0, had - kept);
+	t->free += had - kept;
+	if (!kept)
+		return;
+	t->lent[first] = keep; /* lent until its BUF_RETURN */
+	t->owner_id[first] = s->id;
+	t->owner_serial[first] = s->serial;
+	s->held += kept;
+}
+
 static bool tcp_fin_seen(int fd)
 {
 	struct tcp_info ti;
@@ -603,8 +650,6 @@ static void pause_reading(struct sock *s)
 
 static void read_stream(struct sock *s)
 {
-	struct tenant *t = tenants[s->vm];
-
 	while (s->rd_ready && s->reading && !s->paused) {
 		int avail = 0;
 		char peek;
@@ -634,7 +679,7 @@ static void read_stream(struct sock *s)
 			}
 		}
 		uint64_t room;
-		uint64_t off = slice_alloc(t, avail < MAX_CHUNK ? avail : MAX_CHUNK, 1, &room);
+		uint64_t off = buf_get(s, avail < MAX_CHUNK ? avail : MAX_CHUNK, 1, &room);
 
 		if (off == UINT64_MAX) {
 #ifdef VENDOR_BROKEN
@@ -650,7 +695,7 @@ static void read_stream(struct sock *s)
 		}
 		ssize_t n = recv(s->fd, tenant_buf(s->vm, off), room, MSG_DONTWAIT);
 
-		slice_trim(t, off, room, n > 0 ? n : 0);
+		buf_keep(s, off, room, n > 0 ? n : 0);
 		if (n > 0)
 			event(s, EV_DATA, 0, off, n);
 		/* n <= 0: the next round finds out why */
@@ -680,7 +725,7 @@ static void read_dgram(struct sock *s)
 
 		if (need > t->slice_len) /* could never fit: truncate, as recv() does */
 			need = t->slice_len;
-		uint64_t off = slice_alloc(t, need, need, &room);
+		uint64_t off = buf_get(s, need, need, &room);
 
 		if (off == UINT64_MAX) {
 			pause_reading(s);
@@ -694,12 +739,12 @@ static void read_dgram(struct sock *s)
 		len = recvfrom(s->fd, buf + alen, need - alen, MSG_DONTWAIT,
 			       (struct sockaddr *)&from, &flen);
 		if (len < 0) {
-			slice_trim(t, off, room, 0);
+			buf_keep(s, off, room, 0);
 			continue;
 		}
 		/* One datagram per EV_DATA, behind its source's sockaddr (NQE-15). */
 		memcpy(buf, &from, alen);
-		slice_trim(t, off, room, alen + len);
+		buf_keep(s, off, room, alen + len);
 		event(s, EV_DATA, alen, off, alen + len);
 	}
 }
@@ -794,6 +839,8 @@ static int64_t accept_one(struct sock *s, struct call *c)
 
 	if (fd < 0)
 		return -errno;
+	if (s->announced) /* one announced connection fewer is waiting */
+		s->announced--;
 	/* NSM-7: the peer's address truncated to the buffer, its full length */
 	if (c->q.size)
 		memcpy(tenant_buf(s->vm, c->q.data_ptr), &peer,
@@ -843,6 +890,8 @@ static void run_accepts(struct sock *s)
 	/* NSM-15: a listener with connections waiting sends EV_ACCEPTABLE. */
 	uint32_t waiting = listen_queue(s->fd);
 
+	/* once per new arrival: a connection taken by an ACCEPT (of either
+	 * kind) lowers the count, so the next arrival is announced again */
 	if (waiting > s->announced)
 		event(s, EV_ACCEPTABLE, waiting, 0, 0);
 	s->announced = waiting;
@@ -919,11 +968,6 @@ static int64_t do_socket(const struct nqe *q)
 
 	if (fd < 0)
 		return -errno;
-	if (domain == AF_INET6) { /* sockets.md §1: no dual-stack port sharing */
-		int one = 1;
-
-		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-	}
 	sock_new(q->vm_id, q->sock_id, fd, base, domain);
 	return 0;
 }
@@ -951,17 +995,36 @@ static int64_t addr_out(const struct nqe *q, int (*fn)(int, struct sockaddr *, s
 	return len;
 }
 
-/* NSM-9: options whose value is plain data and whose effect stays on the socket. */
+/*
+ * NSM-9: options whose value is plain data and whose effect stays on the
+ * tenant's socket: SOCK-16's, NSM-9's list, and a few that real programs set
+ * (IPV6_V6ONLY: iperf3 and nginx listen on [::] with it cleared; TCP_INFO:
+ * iperf3 reads it). Refused on
+ * purpose: SO_REUSEPORT, because every socket of the NSM has the NSM's user ID,
+ * so it would let one tenant join another tenant's port group.
+ */
 static bool option_allowed(uint32_t level, uint32_t name)
 {
-	if (level == SOL_SOCKET)
+	switch (level) {
+	case SOL_SOCKET:
 		switch (name) {
-		case SO_REUSEADDR: case SO_TYPE: case SO_ERROR: case SO_SNDBUF:
-		case SO_RCVBUF: case SO_KEEPALIVE: case SO_LINGER: case SO_ACCEPTCONN:
+		case SO_REUSEADDR: case SO_TYPE: case SO_ERROR: case SO_BROADCAST:
+		case SO_SNDBUF: case SO_RCVBUF: case SO_KEEPALIVE: case SO_LINGER:
+		case SO_ACCEPTCONN: case SO_PROTOCOL: case SO_DOMAIN:
 		case 20: case 21: case 66: case 67: /* SO_{RCV,SND}TIMEO old and new */
 			return true;
 		}
-	return level == IPPROTO_TCP && name == TCP_NODELAY;
+		return false;
+	case IPPROTO_TCP:
+		return name == TCP_NODELAY || name == TCP_MAXSEG || name == TCP_CORK ||
+		       name == TCP_KEEPIDLE || name == TCP_KEEPINTVL || name == TCP_KEEPCNT ||
+		       name == TCP_QUICKACK || name == TCP_INFO;
+	case IPPROTO_IP:
+		return name == IP_TOS || name == IP_TTL;
+	case IPPROTO_IPV6:
+		return name == IPV6_V6ONLY || name == IPV6_UNICAST_HOPS || name == IPV6_TCLASS;
+	}
+	return false;
 }
 
 struct closing { /* NSM-17: a CLOSE reply waiting for our events to be read */
@@ -1050,12 +1113,16 @@ static int64_t do_tenant_map(const struct nqe *q)
 	}
 	t->slice_off = q->data_ptr;
 	t->slice_len = q->size;
-	t->granules = q->size / t->g.buf_size;
+	t->granules = t->free = q->size / t->g.buf_size;
 	t->lent = calloc(t->granules, sizeof(*t->lent));
 	t->used = calloc(t->granules, 1);
-	if (!t->lent || !t->used) {
+	t->owner_id = calloc(t->granules, sizeof(*t->owner_id));
+	t->owner_serial = calloc(t->granules, sizeof(*t->owner_serial));
+	if (!t->lent || !t->used || !t->owner_id || !t->owner_serial) {
 		free(t->lent);
 		free(t->used);
+		free(t->owner_id);
+		free(t->owner_serial);
 		munmap(t->map, t->map_len);
 		free(t);
 		return -ENOMEM;
@@ -1099,8 +1166,14 @@ static int64_t do_buf_return(const struct nqe *q)
 
 	if (!q->size || rel % t->g.buf_size || t->lent[g] != q->size)
 		return -EINVAL;
-	memset(t->used + g, 0, (q->size + t->g.buf_size - 1) / t->g.buf_size);
+	uint32_t n = (q->size + t->g.buf_size - 1) / t->g.buf_size;
+	struct sock *owner = sock_find(q->vm_id, t->owner_id[g]);
+
+	memset(t->used + g, 0, n);
+	t->free += n;
 	t->lent[g] = 0;
+	if (owner && owner->serial == t->owner_serial[g])
+		owner->held -= n;
 	if (t->paused) /* BUF-7: resume the sockets that waited for room */
 		for (int b = 0; b < NBUCKETS; b++)
 			for (struct sock *s = buckets[b]; s; s = s->hnext)
