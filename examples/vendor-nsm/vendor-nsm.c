@@ -586,6 +586,10 @@ static uint64_t buf_get(struct sock *s, uint64_t want, uint64_t min, uint64_t *r
 	uint64_t gsize = t->g.buf_size;
 	uint32_t share = t->granules / 8 ? t->granules / 8 : 1;
 	uint32_t reserve = t->granules / 8;
+#ifdef VENDOR_BROKEN
+	share = t->granules; /* DEFECT 3 (below) needs a slice that fills up */
+	reserve = 0;
+#endif
 	uint32_t need = (min + gsize - 1) / gsize;
 	uint64_t cap = (uint64_t)(s->held < share ? share - s->held : 0) * gsize;
 
@@ -684,10 +688,11 @@ static void read_stream(struct sock *s)
 		if (off == UINT64_MAX) {
 #ifdef VENDOR_BROKEN
 			/* DEFECT 3: a full slice drops what arrives instead of
-			 * leaving it in the stack. */
+			 * leaving it in the stack (BUF-7, NSM-16). */
 			char junk[4096];
 
-			if (recv(s->fd, junk, sizeof(junk), MSG_DONTWAIT) > 0)
+			if (!tenants[s->vm]->free &&
+			    recv(s->fd, junk, sizeof(junk), MSG_DONTWAIT) > 0)
 				continue;
 #endif
 			pause_reading(s); /* BUF-7: the data stays in the stack */
@@ -1609,7 +1614,7 @@ int main(int argc, char **argv)
 
 		work |= check_gates();
 		bool backlog = flush_all();
-		int timeout = 0;
+		struct timespec timeout = { 0, 0 };
 		bool slept = false;
 
 		/* RING-7: poll a little before sleeping; sleep with a timeout. */
@@ -1618,12 +1623,14 @@ int main(int argc, char **argv)
 		else if (idle < 64)
 			idle++;
 		else if (backlog || gated || closings)
-			timeout = 1; /* waiting for the CoreEngine to read: no bell for that */
+			/* waiting for the CoreEngine to read one of our rings:
+			 * there is no bell for that, so poll every 50 us */
+			timeout.tv_nsec = 50 * 1000;
 		else if ((slept = prepare_sleep()))
-			timeout = 200;
+			timeout.tv_nsec = 200 * 1000 * 1000;
 
 		struct epoll_event evs[64];
-		int n = epoll_wait(epfd, evs, 64, timeout);
+		int n = epoll_pwait2(epfd, evs, 64, &timeout, NULL);
 
 		if (slept)
 			set_need_wakeup(0); /* RING-11: awake, keep NEED_WAKEUP clear */
