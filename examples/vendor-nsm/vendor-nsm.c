@@ -565,6 +565,12 @@ static void sock_forget(struct sock *s, bool answer)
 	s->accepts_tail = &s->accepts;
 }
 
+/* A call's buffer, checked by socket_call (NSM-13); NULL for "no buffer". */
+static uint8_t *call_buf(const struct nqe *q)
+{
+	return q->size ? tenants[q->vm_id]->data + q->data_ptr : NULL;
+}
+
 static uint8_t *tenant_buf(uint8_t vm, uint64_t ptr)
 {
 	return tenants[vm]->data + ptr;
@@ -791,15 +797,16 @@ static void run_sends(struct sock *s)
 
 	while ((c = s->sends)) {
 		struct nqe *q = &c->q;
-		uint8_t *buf = tenant_buf(s->vm, q->data_ptr);
+		uint8_t *buf = call_buf(q);
 		uint32_t alen = q->op_data >> 32 & 0xffff;
 		struct sockaddr_storage to;
 		uint64_t len = q->size - alen;
 		ssize_t n = 0;
 
-		memcpy(&to, buf, alen);
+		if (alen)
+			memcpy(&to, buf, alen);
 		for (;;) {
-			n = sendto(s->fd, buf + alen + c->done, len - c->done,
+			n = sendto(s->fd, buf ? buf + alen + c->done : NULL, len - c->done,
 				   MSG_NOSIGNAL | MSG_DONTWAIT,
 				   alen ? (struct sockaddr *)&to : NULL, alen);
 			if (n >= 0) {
@@ -839,6 +846,9 @@ static int64_t accept_one(struct sock *s, struct call *c)
 {
 	struct sockaddr_storage peer;
 	socklen_t plen = sizeof(peer);
+
+	if (sock_find(s->vm, c->q.op_data & 0xffffffff))
+		return -EEXIST; /* the ID was taken while the ACCEPT waited */
 	int fd = accept4(s->fd, (struct sockaddr *)&peer, &plen,
 			 SOCK_NONBLOCK | SOCK_CLOEXEC);
 
@@ -848,7 +858,7 @@ static int64_t accept_one(struct sock *s, struct call *c)
 		s->announced--;
 	/* NSM-7: the peer's address truncated to the buffer, its full length */
 	if (c->q.size)
-		memcpy(tenant_buf(s->vm, c->q.data_ptr), &peer,
+		memcpy(call_buf(&c->q), &peer,
 		       plen < c->q.size ? plen : c->q.size);
 	struct sock *n = sock_new(s->vm, c->q.op_data & 0xffffffff, fd, SOCK_STREAM,
 				  s->family);
@@ -983,7 +993,8 @@ static int addr_in(const struct nqe *q, struct sockaddr_storage *a)
 	memset(a, 0, sizeof(*a));
 	if (q->size > sizeof(*a))
 		return -EINVAL;
-	memcpy(a, tenant_buf(q->vm_id, q->data_ptr), q->size);
+	if (q->size)
+		memcpy(a, call_buf(q), q->size);
 	return 0;
 }
 
@@ -996,7 +1007,8 @@ static int64_t addr_out(const struct nqe *q, int (*fn)(int, struct sockaddr *, s
 
 	if (fn(fd, (struct sockaddr *)&a, &len) < 0)
 		return -errno;
-	memcpy(tenant_buf(q->vm_id, q->data_ptr), &a, len < q->size ? len : q->size);
+	if (q->size)
+		memcpy(call_buf(q), &a, len < q->size ? len : q->size);
 	return len;
 }
 
@@ -1314,13 +1326,15 @@ static int64_t socket_call(const struct nqe *q, struct ring *r)
 		if (!option_allowed(level, name))
 			return -ENOPROTOOPT;
 		if (q->op == OP_SETSOCKOPT) {
-			memcpy(val, tenant_buf(q->vm_id, q->data_ptr), len);
+			if (len)
+				memcpy(val, call_buf(q), len);
 			return setsockopt(s->fd, level, name, val, len) ? -errno : 0;
 		}
 		memset(val, 0, sizeof(val));
 		if (getsockopt(s->fd, level, name, val, &len))
 			return -errno;
-		memcpy(tenant_buf(q->vm_id, q->data_ptr), val, len < q->size ? len : q->size);
+		if (q->size)
+			memcpy(call_buf(q), val, len < q->size ? len : q->size);
 		return len;
 	}
 	case OP_GETSOCKNAME:
