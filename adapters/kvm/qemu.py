@@ -111,19 +111,21 @@ class Guest:
 
     ``stdout``/``stderr`` receive the command's output as it comes; ``on_console`` each
     console line after init has started that is not a marker (the agent's messages, the
-    kernel's warnings)."""
+    kernel's warnings); ``on_boot`` the boot time once init has started."""
 
     def __init__(self, image: img.Image, cmd: Sequence[str], *, accel: str,
                  device: Path | None = None, memory: str = DEFAULT_MEMORY,
                  name: str = "guest", uncompressed: bool = True,
                  stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
                  on_console: Callable[[str], None] | None = None,
+                 on_boot: Callable[[float], None] | None = None,
                  extra_args: Sequence[str] = ()) -> None:
         if accel not in ("kvm", "tcg"):
             raise ValueError(f"accel must be kvm or tcg, got {accel!r}")
         self.accel = accel
         self._sinks = (stdout, stderr)
         self._on_console = on_console
+        self._on_boot = on_boot
         self._console: list[str] = []
         self._qemu_err = b""
         self.status: int | None = None
@@ -193,6 +195,8 @@ class Guest:
         if what == "INIT" and self.boot_seconds is None:
             self.boot_seconds = time.monotonic() - self.started
             self._booted.set()
+            if self._on_boot is not None:
+                self._on_boot(self.boot_seconds)
         elif what == "AGENT":
             self.agent_ok = arg == "ok"
         elif what == "EXIT" and arg is not None and arg.strip().isdigit():
