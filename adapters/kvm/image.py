@@ -70,6 +70,11 @@ class ImageError(RuntimeError):
     """The image cannot be built; the message says what is missing and how to get it."""
 
 
+class Unavailable(ImageError):
+    """A package the image is built from is not installed, or the kernel package cannot be
+    downloaded (no apt lists, no registry): the tests skip on this, and only on this."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     package: str
@@ -97,14 +102,14 @@ def cache_dir() -> Path:
     return Path(base) / "netkernel" / "kvm"
 
 
-def _run(argv: Sequence[str], **kwargs: object) -> str:
+def _run(argv: Sequence[str], *, error: type[ImageError] = ImageError, **kwargs: object) -> str:
     try:
         done = subprocess.run(list(argv), capture_output=True, text=True, check=False,
                               **kwargs)  # type: ignore[call-overload]
     except FileNotFoundError:
-        raise ImageError(f"{argv[0]} is not installed") from None
+        raise Unavailable(f"{argv[0]} is not installed") from None
     if done.returncode != 0:
-        raise ImageError(f"{' '.join(argv)} failed: {done.stderr.strip()[-500:]}")
+        raise error(f"{' '.join(argv)} failed: {done.stderr.strip()[-500:]}")
     out: str = done.stdout
     return out
 
@@ -140,11 +145,11 @@ def kernel_package() -> str:
     depends on (a ``linux-image-6.1.0-N-amd64``)."""
     if os.environ.get(KERNEL_ENV):
         return os.environ[KERNEL_ENV]
-    for line in _run(["apt-cache", "depends", KERNEL_META]).splitlines():
+    for line in _run(["apt-cache", "depends", KERNEL_META], error=Unavailable).splitlines():
         key, _, word = line.strip().partition(" ")
         if key == "Depends:" and word.startswith("linux-image-") and word.endswith("-amd64"):
             return word
-    raise ImageError(f"apt-cache names no kernel for {KERNEL_META} (run `apt-get update`)")
+    raise Unavailable(f"apt-cache names no kernel for {KERNEL_META} (run `apt-get update`)")
 
 
 def _cached_kernels(root: Path) -> list[Path]:
@@ -169,7 +174,8 @@ def kernel(root: Path | None = None) -> Kernel:
 def _fetch_kernel(root: Path, package: str) -> Path:
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         # apt-get download writes into the current directory; '_apt' may not read ours.
-        _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", package], cwd=tmp)
+        _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", package], cwd=tmp,
+             error=Unavailable)
         debs = list(Path(tmp).glob(f"{package}_*.deb"))
         if not debs:
             raise ImageError(f"apt-get download {package} left no .deb")
@@ -281,11 +287,11 @@ def _inputs(guestlib: preload.Paths) -> tuple[_Tree, dict[str, object]]:
     for link, target in _MERGED:
         tree.links[link] = target
     if not BUSYBOX.is_file():
-        raise ImageError(f"{BUSYBOX} is missing: apt-get install busybox-static")
+        raise Unavailable(f"{BUSYBOX} is missing: apt-get install busybox-static")
     tree.add("usr/bin/busybox", BUSYBOX.resolve(), 0o755)
     for prog in PROGRAMS:
         if not prog.is_file():
-            raise ImageError(f"{prog} is missing: apt-get install curl python3")
+            raise Unavailable(f"{prog} is missing: apt-get install curl python3")
         tree.add(f"usr/bin/{prog.name}", prog.resolve(), 0o755)
     tree.add("usr/bin/nk-agent", guestlib.agent, 0o755)
     tree.add(f"{GUESTLIB_DIR}/libnkpreload.so".lstrip("/"), guestlib.lib, 0o755)
