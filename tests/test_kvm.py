@@ -9,20 +9,33 @@ The unit tests at the top need none of that.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import http.server
 import io
+import json
 import lzma
 import os
 import re
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from netkernel import instance
 from netkernel.adapters.kvm import cpio, image, qemu
+from tests.live import own_instance, until
 
 BOOT_BUDGET = 240  # s for one guest's whole run: boot under TCG on a loaded 2-core machine
 
@@ -133,3 +146,168 @@ def test_a_guest_runs_the_command_with_the_guestlib_and_has_no_nic_only_the_nk_d
     assert "err" in done.stderr.splitlines()
     assert re.search(r"accel (kvm|tcg) \(", done.stderr), done.stderr
     assert re.search(r"booted in \d+\.\d+ s", done.stderr), done.stderr
+
+
+# -- guests on NetKernel (spec/vm.md; the guest's agent maps the PCI device, VM-3) ----------
+
+
+@contextlib.contextmanager
+def http_server(directory: Path) -> Iterator[int]:
+    """A plain host http.server (Linux sockets, not a tenant) on 127.0.0.1; its port."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Guest:
+    """``netkernel vm ARGS`` in the background, its stdout read line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "netkernel", "vm", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.lines: list[str] = []
+        self.err: list[str] = []
+        for stream, sink in ((self.proc.stdout, self.lines), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._read, args=(stream, sink), daemon=True).start()
+
+    @staticmethod
+    def _read(stream: Any, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line.rstrip("\n"))
+
+    def saw(self, prefix: str) -> list[str]:
+        return [line for line in self.lines if line.startswith(prefix)]
+
+    def qemu_pid(self) -> int:
+        """The QEMU process of this guest (a child of `netkernel vm`)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        for pid in children.split():
+            with contextlib.suppress(OSError):
+                if "qemu" in Path(f"/proc/{pid}/comm").read_text():
+                    return int(pid)
+        raise AssertionError(f"no QEMU under netkernel vm ({self.err})")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def __repr__(self) -> str:
+        return f"Guest(stdout={self.lines[-5:]}, stderr={self.err[-10:]})"
+
+
+def _vm_tenants(name: str) -> list[dict[str, Any]]:
+    return [t for t in instance.status(name)["tenants"] if t["name"].startswith("vm:")]
+
+
+def _only(name: str, guest: str) -> bool:
+    """Only ``guest`` is left of the guests, and every entry of the connection table
+    belongs to a tenant still attached (none left of a dead one)."""
+    doc = instance.status(name)
+    guests = [t["name"] for t in doc["tenants"] if t["name"].startswith("vm:")]
+    return guests == [guest] and doc["sockets"] == sum(t["sockets"] for t in doc["tenants"])
+
+
+def test_a_guest_with_no_nic_fetches_a_host_file_through_netkernel(
+        guest_image: image.Image, tmp_path: Path) -> None:
+    blob = os.urandom(1 << 20)
+    (tmp_path / "blob").write_bytes(blob)
+    want = hashlib.sha256(blob).hexdigest()
+    with own_instance() as name, http_server(tmp_path) as port:
+        url = f"http://127.0.0.1:{port}/blob"
+        done = vm("--instance", name, "--", "sh", "-c",
+                  f"curl -sS {url} | sha256sum; python3 -c 'import hashlib, urllib.request;"
+                  f" print(hashlib.sha256(urllib.request.urlopen(\"{url}\").read()).hexdigest())'")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [want, "-", want], done.stderr
+        # the guest's device was attached for it, with its traffic, and is gone (RT-4)
+        assert _vm_tenants(name) == []
+        assert "nk-agent did not start" not in done.stderr
+
+
+def test_a_server_in_a_guest_is_reached_by_a_host_client_under_netkernel_run(
+        guest_image: image.Image, tmp_path: Path) -> None:
+    port = _free_port()
+    serve_one = ("import hashlib, http.server as h, os;"
+                 "data = os.urandom(300000); open('/root/f', 'wb').write(data);"
+                 "print('sha', hashlib.sha256(data).hexdigest(), flush=True);"
+                 f"s = h.HTTPServer(('127.0.0.1', {port}), h.SimpleHTTPRequestHandler);"
+                 "print('listening', flush=True); s.handle_request()")
+    with own_instance() as name:
+        guest = Guest("--instance", name, "--", "python3", "-c", serve_one)
+        try:
+            until("the guest's server", lambda: guest.saw("listening") or guest.proc.poll(),
+                  timeout=BOOT_BUDGET, interval=0.2)
+            assert guest.saw("listening"), guest
+            got = subprocess.run(
+                [sys.executable, "-m", "netkernel", "run", "--instance", name, "--",
+                 "curl", "-sS", "--retry", "5", "--retry-connrefused", "-o", str(tmp_path / "f"),
+                 f"http://127.0.0.1:{port}/f"], capture_output=True, text=True, timeout=120)
+            assert got.returncode == 0, got.stderr
+            assert guest.proc.wait(timeout=120) == 0, guest
+        finally:
+            guest.stop()
+        sha = guest.saw("sha ")[0].split()[1]
+        assert hashlib.sha256((tmp_path / "f").read_bytes()).hexdigest() == sha
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_guests_at_once_and_a_killed_one_frees_its_sockets_within_1s(
+        guest_image: image.Image, tmp_path: Path) -> None:
+    (tmp_path / "blob").write_bytes(os.urandom(64 << 10))
+    with own_instance() as name, http_server(tmp_path) as port:
+        base = f"http://127.0.0.1:{port}"
+        # A fetches until the host says stop; B holds 4 connections open until killed
+        fetcher = Guest("--instance", name, "--", "sh", "-c",
+                        f"while :; do curl -sSf -o /dev/null {base}/blob || exit 1; echo ok;"
+                        f" curl -sf -o /dev/null {base}/stop && exit 0; done")
+        holder = Guest("--instance", name, "--", "python3", "-c",
+                       "import socket, time\n"
+                       f"c = [socket.create_connection(('127.0.0.1', {port})) for _ in range(4)]\n"
+                       "print('held', flush=True)\ntime.sleep(600)")
+        try:
+            until("both guests at work", lambda: (fetcher.saw("ok") and holder.saw("held"))
+                  or fetcher.proc.poll() is not None or holder.proc.poll() is not None,
+                  timeout=BOOT_BUDGET, interval=0.2)
+            assert fetcher.saw("ok") and holder.saw("held"), (fetcher, holder)
+            tenants = {t["name"]: t for t in _vm_tenants(name)}
+            assert set(tenants) == {"vm:sh", "vm:python3"}
+            assert tenants["vm:python3"]["sockets"] >= 4
+            # the guest dies (its QEMU killed): its device and sockets go within 1 s (RT-4)
+            os.kill(holder.qemu_pid(), signal.SIGKILL)
+            killed = time.monotonic()
+            until("the dead guest's device and sockets freed", lambda: _only(name, "vm:sh"),
+                  timeout=1.0)
+            freed = time.monotonic() - killed
+            doc = json.loads(subprocess.run(
+                [sys.executable, "-m", "netkernel", "status", "--instance", name, "--json"],
+                capture_output=True, text=True, check=True).stdout)
+            assert [t["name"] for t in doc["tenants"] if t["name"].startswith("vm:")] == ["vm:sh"]
+            # the other guest goes on
+            before = len(fetcher.saw("ok"))
+            until("the other guest fetching on", lambda: len(fetcher.saw("ok")) >= before + 3
+                  or fetcher.proc.poll() is not None, timeout=60, interval=0.1)
+            assert len(fetcher.saw("ok")) >= before + 3, fetcher
+            (tmp_path / "stop").write_bytes(b"")
+            assert fetcher.proc.wait(timeout=120) == 0, fetcher
+            assert holder.proc.wait(timeout=30) != 0
+        finally:
+            fetcher.stop()
+            holder.stop()
+        print(f"dead guest's device and sockets freed {freed:.3f} s after its QEMU was killed")

@@ -49,7 +49,7 @@ unset LD_PRELOAD
 # Let the agent deliver what the command sent before it ended (GL-10), 10 s at most.
 exec 5>&-
 i=0
-while [ $i -lt 100 ] && [ -e /proc/$agent ] && ! grep -q '^[0-9]* ([^)]*) Z' /proc/$agent/stat; do
+while [ $i -lt 100 ] && [ -e /proc/$agent ] && ! grep -qs '^[0-9]* ([^)]*) Z' /proc/$agent/stat; do
     sleep 0.1
     i=$((i + 1))
 done

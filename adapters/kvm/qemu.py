@@ -297,7 +297,8 @@ def choose_accel(image: img.Image, asked: str = "auto") -> tuple[str, str]:
     with contextlib.suppress(OSError, ValueError, KeyError):
         doc = json.loads(cache.read_text())
         if doc["key"] == key:
-            return ("kvm" if doc["kvm"] else "tcg"), f"{doc['why']} (probed before)"
+            said = doc["why"] if doc["kvm"] else f"KVM probe failed: {doc['why']}"
+            return ("kvm" if doc["kvm"] else "tcg"), f"{said}; probed before"
     works, why = probe_kvm(image)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}")

@@ -6,11 +6,13 @@ The host side of a guest's life (docs/kvm.md):
    (:func:`netkernel.adapters.kvm.qemu.choose_accel`; which one ran is always said);
 2. the instance: the one named, else the running one, else an embedded one for the
    guest's lifetime (``netkernel run``'s, :func:`netkernel.run._instance`);
-3. a tenant device attached for the guest (RT-3, kind ``tenant``, this process's pid, name
+3. a tenant device attached for the guest (RT-3, kind ``tenant``, ``"guest": true``:
+   a power-of-two file with polled bells, spec/vm.md VM-1; this process's pid; name
    ``vm:<program>``); the guest's ID is the device's. This process holds the control
    connection for the guest's lifetime and closes it when QEMU has ended: that is the
    device's hot-unplug (RT-4), after which the CoreEngine closes whatever the guest left
-   open (CE-18);
+   open (CE-18). Should the connection end first (the CoreEngine died), this process
+   writes DETACHED into the header for it (VM-4), so that the guest's sockets fail;
 4. the guest (:class:`netkernel.adapters.kvm.qemu.Guest`): the device file as its
    ivshmem BAR, CMD run by ``/init`` with the GuestLib, CMD's stdout and stderr relayed
    here as they come, the boot time (QEMU's start to init's first marker) said on stderr;
@@ -20,8 +22,10 @@ The host side of a guest's life (docs/kvm.md):
 from __future__ import annotations
 
 import contextlib
+import select
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
@@ -31,6 +35,7 @@ from netkernel import run as host_run
 from netkernel.adapters.kvm import image as img
 from netkernel.adapters.kvm import qemu
 from netkernel.reference import coreengine
+from netkernel.reference import device as dev
 
 EXIT_CANNOT_RUN: Final = 126
 EXIT_TIMEOUT: Final = 124
@@ -63,6 +68,25 @@ def _stop_on_signals(guest_box: list[qemu.Guest], told: list[int]) -> Iterator[N
             signal.signal(sig, handler)
 
 
+def _watch_engine(device: coreengine.Attachment, done: threading.Event,
+                  prog: str) -> None:
+    """VM-4: the guest holds no control connection; if ours ends while the guest runs (the
+    CoreEngine died without writing DETACHED), write DETACHED into the header for it."""
+    while not done.is_set():
+        try:
+            ready, _, _ = select.select([device.conn], [], [], 0.2)
+            if not ready or device.conn.recv(4096):  # no request is pending: nothing to read
+                continue
+        except (OSError, ValueError):
+            return  # closed by us: the guest has ended
+        if done.is_set():
+            return
+        with contextlib.suppress(OSError, ValueError):
+            device.dmap.set_header("state", dev.State.DETACHED)
+        _say(prog, f"the CoreEngine let go of vm-{device.id}: marked DETACHED for the guest")
+        return
+
+
 def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = inst.DEFAULT_NSM,
         impl: str = inst.DEFAULT_IMPL, memory: str = qemu.DEFAULT_MEMORY,
         accel: str = "auto", timeout: float | None = None, uncompressed: bool = True,
@@ -80,7 +104,7 @@ def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = inst.DEFA
     guests: list[qemu.Guest] = []
     with _stop_on_signals(guests, told), host_run._instance(instance, nsm, impl) as (name, _):
         try:
-            device = coreengine.attach("tenant", label, name)
+            device = coreengine.attach("tenant", label, name, guest=True)
         except (OSError, coreengine.ControlError) as exc:
             raise VMError(f"cannot attach a device for the guest: {exc}") from None
         with device:
@@ -101,7 +125,15 @@ def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = inst.DEFA
                                stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
                                on_console=console, on_boot=booted)
             guests.append(guest)
-            result = guest.wait(timeout)
+            ended = threading.Event()
+            watcher = threading.Thread(target=_watch_engine, args=(device, ended, prog),
+                                       daemon=True)
+            watcher.start()
+            try:
+                result = guest.wait(timeout)
+            finally:
+                ended.set()
+                watcher.join()
         # the device is detached here (RT-4): its control connection is closed
     if result.agent_ok is False:
         _say(prog, "warning: nk-agent did not start in the guest; the command's sockets"
