@@ -344,16 +344,15 @@ def _signature(tree: _Tree, kern: Kernel) -> str:
 
 def _compile(tree: _Tree, tag: str, workdir: Path) -> None:
     """Each module's .pyc beside it in ``__pycache__``, compiled by the guest's python."""
-    jobs = []
+    jobs: list[tuple[str, str, str]] = []  # (source, compiled, guest path)
     for guest, source in list(tree.files.items()):
         if isinstance(source, Path) and guest.endswith(".py"):
-            dst = workdir / f"{len(jobs)}.pyc"
-            jobs.append((str(source), str(dst), guest))
+            jobs.append((str(source), str(workdir / f"{len(jobs)}.pyc"), guest))
     _run([str(GUEST_PYTHON), "-I", "-c", _COMPILE],
-         input=json.dumps([(s, d) for s, d, _ in jobs]))
-    for _src, dst, guest in jobs:
+         input=json.dumps([(src, pyc) for src, pyc, _ in jobs]))
+    for _src, pyc, guest in jobs:
         parent, name = guest.rsplit("/", 1)
-        tree.add(f"{parent}/__pycache__/{name[:-3]}.{tag}.pyc", Path(dst).read_bytes())
+        tree.add(f"{parent}/__pycache__/{name[:-3]}.{tag}.pyc", Path(pyc).read_bytes())
 
 
 def build(guestlib: preload.Paths | None = None, root: Path | None = None) -> Image:

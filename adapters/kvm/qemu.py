@@ -213,7 +213,7 @@ class Guest:
 
     def _read_qemu_err(self) -> None:
         assert self.proc.stderr is not None
-        while chunk := self.proc.stderr.read1(4096):
+        while chunk := os.read(self.proc.stderr.fileno(), 4096):
             self._qemu_err += chunk
             if self.accel == "kvm" and any(s.encode() in self._qemu_err for s in _KVM_FAILURES):
                 # A KVM emulation failure stops the guest but not QEMU: end it.
