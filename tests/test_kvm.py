@@ -311,3 +311,32 @@ def test_two_guests_at_once_and_a_killed_one_frees_its_sockets_within_1s(
             fetcher.stop()
             holder.stop()
         print(f"dead guest's device and sockets freed {freed:.3f} s after its QEMU was killed")
+
+
+def test_vm_without_a_command_says_how_to_use_it() -> None:
+    done = vm("--accel", "tcg", timeout=60)
+    assert done.returncode == 126
+    assert "no command given" in done.stderr
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+def test_sigterm_stops_the_guest_and_detaches_its_device(guest_image: image.Image) -> None:
+    with own_instance() as name:
+        guest = Guest("--instance", name, "--", "sleep", "600")
+        try:
+            until("the guest's boot", lambda: any("booted in" in e for e in guest.err)
+                  or guest.proc.poll() is not None, timeout=BOOT_BUDGET, interval=0.2)
+            qemu_pid = guest.qemu_pid()
+            assert [t["name"] for t in _vm_tenants(name)] == ["vm:sleep"]
+            guest.proc.send_signal(signal.SIGTERM)
+            assert guest.proc.wait(timeout=30) == 128 + signal.SIGTERM, guest
+            until("QEMU gone", lambda: _gone(qemu_pid))
+            assert _vm_tenants(name) == []
+        finally:
+            guest.stop()
