@@ -317,16 +317,31 @@ def test_no_device_exits_3(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("nk-agent: "), lines
 
 
-def test_one_device_side_per_device(tmp_path: Path) -> None:
-    """VM-6: a second agent on a device another agent holds is refused (exit 3); once the
-    first is gone the device may be taken again."""
-    with time_limit(50), own_instance() as name, guest_device(name) as g:
-        with handed(g.path, tmp_path):
+def test_one_device_side_per_device(tmp_path: Path, web: Web) -> None:
+    """VM-6: a second agent on a device another agent holds is refused (exit 3). The first
+    leaves with a socket still open (SIGTERM): it closes it itself, since no detach
+    follows, and the next agent on the device starts clean and works."""
+    code = ("import socket, sys, time\n"
+            "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+            "print('up', flush=True); time.sleep(60)\n")
+    with time_limit(80), own_instance() as name, guest_device(name) as g, \
+            socket_server() as srv:
+        with handed(g.path, tmp_path) as first:
             second = HandedAgent(str(g.path), tmp_path)
             assert not second.ready and second.proc.wait(10) == 3
             assert "in use by another device side" in second.stderr()
+            prog = subprocess.Popen([sys.executable, "-c", code, str(srv.getsockname()[1])],
+                                    env=first.preload_env(), stdout=subprocess.PIPE, text=True)
+            peer, _ = srv.accept()
+            assert prog.stdout is not None and prog.stdout.readline().strip() == "up"
+            until("the socket in the table", lambda: tenants(name)[g.id]["sockets"] >= 1)
+            assert first.close() == 0  # SIGTERM while the program holds the socket
+            assert tenants(name)[g.id]["sockets"] == 0, "the agent left its socket behind"
+            prog.kill()
+            prog.wait()
+            peer.close()
         with handed(g.path, tmp_path) as again:
-            assert again.proc.poll() is None
+            assert again.fetch(web.url) == web.expect
 
 
 def test_the_hosts_detach_resets_the_guests_sockets_within_1s(tmp_path: Path) -> None:

@@ -238,6 +238,7 @@ void ag_sock_try_shutdown(struct ag *a, struct ag_sock *s);
 void ag_tick(struct ag *a);
 void ag_reap(struct ag *a);
 void ag_all_broken(struct ag *a, int err);
+void ag_close_all(struct ag *a);
 
 /* ctl.c */
 void ag_conn_accept(struct ag *a);

@@ -597,6 +597,8 @@ static int run(struct ag *a)
 		if (a->stopping || (a->idle_since >= 0 && now - a->idle_since >= a->idle_ns)) {
 			exiting = a->exiting = true; /* every reply is awaited from here on */
 			deadline = now + AG_EXIT_NS;
+			if (a->engine_fd < 0 && !a->ce_dead)
+				ag_close_all(a); /* VM-6: no detach will close them for us */
 			unlink(a->path); /* no new connection from here on */
 			epoll_ctl(a->epfd, EPOLL_CTL_DEL, a->listen_fd, NULL);
 			close(a->listen_fd);
