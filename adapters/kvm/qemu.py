@@ -85,16 +85,27 @@ def grow_to_bar(device: Path) -> int:
 @dataclasses.dataclass
 class Result:
     """What one boot gave: the command's status (None if the guest never reported it),
-    the seconds from QEMU's start to init's first marker, whether the agent started,
-    the console (kernel and init) as text, and QEMU's own messages."""
+    the seconds from QEMU's start to init's first marker and the CPU seconds QEMU had used
+    by then (the boot time of an idle machine: TCG is bound by one CPU), whether the agent
+    started, the console (kernel and init) as text, and QEMU's own messages."""
 
     status: int | None
     boot_seconds: float | None
+    boot_cpu_seconds: float | None
     agent_ok: bool | None
     console: str
     qemu_stderr: str
     accel: str
     seconds: float
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _die_with_parent() -> None:
@@ -111,14 +122,15 @@ class Guest:
 
     ``stdout``/``stderr`` receive the command's output as it comes; ``on_console`` each
     console line after init has started that is not a marker (the agent's messages, the
-    kernel's warnings); ``on_boot`` the boot time once init has started."""
+    kernel's warnings); ``on_boot`` the boot time (wall and QEMU's CPU seconds) once init
+    has started."""
 
     def __init__(self, image: img.Image, cmd: Sequence[str], *, accel: str,
                  device: Path | None = None, memory: str = DEFAULT_MEMORY,
                  name: str = "guest", uncompressed: bool = True,
                  stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
                  on_console: Callable[[str], None] | None = None,
-                 on_boot: Callable[[float], None] | None = None,
+                 on_boot: Callable[[float, float | None], None] | None = None,
                  extra_args: Sequence[str] = ()) -> None:
         if accel not in ("kvm", "tcg"):
             raise ValueError(f"accel must be kvm or tcg, got {accel!r}")
@@ -131,6 +143,7 @@ class Guest:
         self.status: int | None = None
         self.agent_ok: bool | None = None
         self.boot_seconds: float | None = None
+        self.boot_cpu_seconds: float | None = None
         self._booted = threading.Event()
         self._tmp = tempfile.TemporaryDirectory(prefix="netkernel-vm-")
         initrd = Path(self._tmp.name) / "initrd.cpio"
@@ -194,9 +207,10 @@ class Guest:
         what, arg = m.group(1), m.group(2)
         if what == "INIT" and self.boot_seconds is None:
             self.boot_seconds = time.monotonic() - self.started
+            self.boot_cpu_seconds = cpu_seconds(self.proc.pid)
             self._booted.set()
             if self._on_boot is not None:
-                self._on_boot(self.boot_seconds)
+                self._on_boot(self.boot_seconds, self.boot_cpu_seconds)
         elif what == "AGENT":
             self.agent_ok = arg == "ok"
         elif what == "EXIT" and arg is not None and arg.strip().isdigit():
@@ -245,6 +259,7 @@ class Guest:
             t.join(timeout=5)
         self._tmp.cleanup()
         return Result(status=self.status, boot_seconds=self.boot_seconds,
+                      boot_cpu_seconds=self.boot_cpu_seconds,
                       agent_ok=self.agent_ok, console="\n".join(self._console),
                       qemu_stderr=self._qemu_err.decode(errors="replace"), accel=self.accel,
                       seconds=time.monotonic() - self.started)

@@ -110,10 +110,11 @@ def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = inst.DEFA
         with device:
             _say(prog, f"guest vm-{device.id} on instance {name}, accel {chosen} ({why})")
 
-            def booted(seconds: float) -> None:
+            def booted(seconds: float, cpu: float | None) -> None:
                 kernel = "vmlinux" if uncompressed else "vmlinuz"
+                used = f", {cpu:.2f} s of QEMU CPU" if cpu is not None else ""
                 _say(prog, f"guest vm-{device.id} booted in {seconds:.2f} s"
-                           f" ({chosen}, {kernel})")
+                           f" ({chosen}, {kernel}{used})")
 
             def console(line: str) -> None:
                 _say(prog, f"[guest vm-{device.id}] {line}")
