@@ -340,3 +340,29 @@ def test_sigterm_stops_the_guest_and_detaches_its_device(guest_image: image.Imag
             assert _vm_tenants(name) == []
         finally:
             guest.stop()
+
+
+def test_when_the_coreengine_dies_vm_marks_the_device_detached_and_the_guest_sockets_fail(
+        guest_image: image.Image) -> None:
+    """VM-4: the guest holds no control connection; `vm` holds it, and writes DETACHED into
+    the header when it ends first, so the guest's sockets fail instead of hanging."""
+    with own_instance() as name, socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        guest = Guest("--instance", name, "--", "python3", "-c",
+                      "import socket\n"
+                      f"c = socket.create_connection(('127.0.0.1', {port}))\n"
+                      "print('connected', flush=True)\n"
+                      "try:\n"
+                      "    print('eof' if not c.recv(100) else 'data', flush=True)\n"
+                      "except OSError as e:\n"
+                      "    print('error', e.errno, flush=True)\n")
+        try:
+            until("the guest connected", lambda: guest.saw("connected")
+                  or guest.proc.poll() is not None, timeout=BOOT_BUDGET, interval=0.2)
+            assert guest.saw("connected"), guest
+            os.kill(instance.status(name)["pid"], signal.SIGKILL)
+            assert guest.proc.wait(timeout=60) == 0, guest
+        finally:
+            guest.stop()
+        assert guest.saw("error") or guest.saw("eof"), guest
+        assert any("marked DETACHED" in line for line in guest.err), guest

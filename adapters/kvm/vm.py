@@ -161,6 +161,6 @@ def cli_main(argv_cmd: Sequence[str], *, instance: str | None, nsm: str, impl: s
     try:
         return run(cmd, instance=instance, nsm=nsm, impl=impl, memory=memory, accel=accel,
                    timeout=timeout, uncompressed=not compressed, prog=prog)
-    except (VMError, host_run.RunError, FileNotFoundError) as exc:
+    except (VMError, qemu.QemuError, host_run.RunError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
