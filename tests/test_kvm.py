@@ -366,3 +366,69 @@ def test_when_the_coreengine_dies_vm_marks_the_device_detached_and_the_guest_soc
             guest.stop()
         assert guest.saw("error") or guest.saw("eof"), guest
         assert any("marked DETACHED" in line for line in guest.err), guest
+
+
+#: Run in a guest: map the NK device's BAR as nk-agent does, then write what a hostile
+#: guest may: a header with another geometry, random bytes over every bell, ring index and
+#: NQE slot of every queue set (indices out of range, garbage NQEs).
+HOSTILE = """
+import glob, mmap, os, struct, time
+dev = next(d for d in glob.glob('/sys/bus/pci/devices/*')
+           if open(d + '/vendor').read().strip() == '0x1af4'
+           and open(d + '/device').read().strip() == '0x1110')
+with open(dev + '/resource2', 'r+b') as f:
+    m = mmap.mmap(f.fileno(), 0)
+assert m[:8] == b'NKDEVICE', m[:8]
+data_offset, = struct.unpack_from('<Q', m, 48)
+struct.pack_into('<HIQQQQ', m, 26, 0xFFFF, 3, 1 << 40, 7, 1 << 50, 1 << 62)
+print('header rewritten', flush=True)
+m[256:data_offset] = os.urandom(data_offset - 256)
+print('queue sets scribbled', data_offset - 256, flush=True)
+time.sleep(3)
+"""
+
+
+def test_a_hostile_guest_harms_neither_the_host_nor_another_tenant(
+        guest_image: image.Image, tmp_path: Path) -> None:
+    blob = os.urandom(256 << 10)
+    (tmp_path / "blob").write_bytes(blob)
+    want = hashlib.sha256(blob).hexdigest()
+    client = ("import hashlib, sys, urllib.request\n"
+              "for line in sys.stdin:\n"
+              "    data = urllib.request.urlopen(line.strip()).read()\n"
+              "    print(hashlib.sha256(data).hexdigest(), flush=True)\n")
+    with own_instance() as name, http_server(tmp_path) as port:
+        url = f"http://127.0.0.1:{port}/blob\n"
+        engine = instance.status(name)["pid"]
+        # another tenant, attached before the guest and fetching before and after it
+        other = subprocess.Popen(
+            [sys.executable, "-m", "netkernel", "run", "--instance", name, "--",
+             sys.executable, "-c", client], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True)
+        try:
+            assert other.stdin is not None and other.stdout is not None
+            other.stdin.write(url)
+            other.stdin.flush()
+            assert other.stdout.readline().strip() == want
+            guest = Guest("--instance", name, "--", "python3", "-c", HOSTILE)
+            try:
+                until("the guest's scribbling", lambda: guest.saw("queue sets scribbled")
+                      or guest.proc.poll() is not None, timeout=BOOT_BUDGET, interval=0.1)
+                assert guest.saw("queue sets scribbled"), guest
+                # the CoreEngine detaches the device (RING-10) while the guest still runs
+                until("the hostile device detached", lambda: _vm_tenants(name) == [],
+                      timeout=2.0)
+                assert guest.proc.poll() is None, guest
+                assert guest.proc.wait(timeout=60) == 0, guest
+            finally:
+                guest.stop()
+            assert instance.status(name)["pid"] == engine  # the CoreEngine lives on
+            other.stdin.write(url)
+            other.stdin.flush()
+            assert other.stdout.readline().strip() == want
+            other.stdin.close()
+            assert other.wait(timeout=60) == 0
+        finally:
+            if other.poll() is None:
+                other.kill()
+                other.wait()

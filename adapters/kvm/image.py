@@ -57,7 +57,7 @@ PYTHON_MODULES: Final = (
     "socketserver", "socket", "selectors", "select", "ssl", "hashlib", "json", "base64",
     "argparse", "subprocess", "threading", "time", "struct", "zlib", "shutil", "tempfile",
     "random", "signal", "errno", "io", "traceback", "encodings.idna", "encodings.latin_1",
-    "encodings.ascii", "encodings.utf_8_sig",
+    "encodings.ascii", "encodings.utf_8_sig", "mmap", "glob",
 )
 GUESTLIB_DIR: Final = "/usr/lib/netkernel"
 #: Who the files belong to and where they go: merged /usr, as on Debian 12.
