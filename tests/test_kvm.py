@@ -221,6 +221,7 @@ def _only(name: str, guest: str) -> bool:
 
 def test_a_guest_with_no_nic_fetches_a_host_file_through_netkernel(
         guest_image: image.Image, tmp_path: Path) -> None:
+    """VM-1 (attached for the guest), VM-3 (the agent maps BAR 2), VM-2 (polled bells)."""
     blob = os.urandom(1 << 20)
     (tmp_path / "blob").write_bytes(blob)
     want = hashlib.sha256(blob).hexdigest()
@@ -270,6 +271,7 @@ def _free_port() -> int:
 
 def test_two_guests_at_once_and_a_killed_one_frees_its_sockets_within_1s(
         guest_image: image.Image, tmp_path: Path) -> None:
+    """RT-4 and CE-18 for a guest: its end is the end of `vm`'s control connection."""
     (tmp_path / "blob").write_bytes(os.urandom(64 << 10))
     with own_instance() as name, http_server(tmp_path) as port:
         base = f"http://127.0.0.1:{port}"
@@ -390,6 +392,8 @@ time.sleep(3)
 
 def test_a_hostile_guest_harms_neither_the_host_nor_another_tenant(
         guest_image: image.Image, tmp_path: Path) -> None:
+    """VM-5 (the geometry is the CoreEngine's copy), RING-10 (impossible indices detach the
+    device), SEC-1 (another tenant unharmed), from inside a real guest."""
     blob = os.urandom(256 << 10)
     (tmp_path / "blob").write_bytes(blob)
     want = hashlib.sha256(blob).hexdigest()
