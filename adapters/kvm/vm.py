@@ -26,6 +26,7 @@ import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final
@@ -95,7 +96,12 @@ def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = inst.DEFA
     if not cmd:
         raise VMError("no command given (usage: netkernel vm [options] -- CMD [ARGS...])")
     try:
+        started = time.monotonic()
         image = img.build()
+        if image.built:
+            _say(prog, f"built the guest image {image.key} ({image.kernel.package}"
+                       f" {image.kernel.version}) in {time.monotonic() - started:.1f} s:"
+                       f" {image.initramfs}")
         chosen, why = qemu.choose_accel(image, accel)
     except (img.ImageError, qemu.QemuError) as exc:
         raise VMError(str(exc)) from None
