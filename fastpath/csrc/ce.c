@@ -223,7 +223,10 @@ static int64_t backlog_flush(struct nk_ce *ce, struct backlog *b)
 		/* nk_ring_consumer_sleeping: seq_cst fence between our tail store and
 		 * the flags load, paired with the consumer's in prepare_sleep (RING-6) */
 		if (nk_ring_consumer_sleeping(b->ring)) {
-			nk_bell_ring(b->bell);
+			if (b->dev->polled)
+				nk_bell_bump(b->bell); /* VM-2: its sleeper is in another kernel */
+			else
+				nk_bell_ring(b->bell);
 			ce->stats.bells++;
 		}
 	}
