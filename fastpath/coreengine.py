@@ -140,6 +140,8 @@ class CoreEngine(ref.CoreEngine):
                 a.dmap.path.unlink(missing_ok=True)
                 raise ref.ControlError(f"the engine refused {key.kind.name.lower()} {key.ident}:"
                                        f" errno {-rc}")
+            if a.polled:  # VM-2: a guest's bells wake nobody here; VM-5: our flag, not its
+                lib.nk_ce_set_polled(self.ce, int(a.kind), a.id, 1)
             return reply
 
     def detach(self, key: ref_engine.Dev) -> None:

@@ -28,7 +28,9 @@ Control protocol (``engine.sock``): one JSON object per line each way.
 
 - ``{"cmd": "attach", "kind": "tenant"|"nsm", "pid": N, "name": S}`` ->
   ``{"ok": true, "id": N, "kind": K, "path": P}``; the connection then holds
-  the device until it closes.
+  the device until it closes. With ``"guest": true`` the device is for a
+  virtual machine (spec/vm.md VM-1): its file is a power of two long (the
+  reply's ``"size"``) and its bells are polled (VM-2).
 - ``{"cmd": "status"}`` -> ``{"ok": true, ...}`` (:meth:`CoreEngine.status`).
 - ``{"cmd": "shutdown"}`` -> ``{"ok": true}``, then the CoreEngine detaches
   everything and exits.
@@ -73,6 +75,8 @@ BATCH: Final = 64  # NQEs taken from one ring per visit (RING-8)
 SPIN: Final = 16  # empty passes before the loop sleeps
 BLOCKED_SLEEP: Final = 0.001  # while outputs wait for room, poll the destination this often
 MAX_LINE: Final = 64 << 10
+POLL_MIN: Final = 50e-6  # VM-2: the first bounded sleep after work on a POLLED device
+POLL_MAX: Final = 1e-3  # ... doubling up to this
 #: NQEs from NSMs that may wait for one full tenant ring before the CoreEngine stops reading
 #: the NSM ring they came from. What an NSM owes a tenant is bounded by what the tenant holds
 #: there (its requests in flight, SEC-5; its receive buffers; an EV_FIN/EV_ERROR per socket,
@@ -108,13 +112,14 @@ class Attached:
     outputs: dict[tuple[int, dev.RingId], Ring]  # engine-to-device rings
     engine_bells: list[bells.Bell]  # per queue set: we sleep here
     device_bells: list[bells.Bell]  # per queue set: we ring here
+    polled: bool = False  # VM-2: a guest's device, whose bells wake nobody
 
     @classmethod
     def of(cls, kind: dev.Kind, dev_id: int, name: str, pid: int, dmap: shm.DeviceMap,
-           conn: socket.socket) -> Attached:
+           conn: socket.socket, *, polled: bool = False) -> Attached:
         qsets = range(dmap.geo.n_qsets)
         return cls(
-            kind, dev_id, name, pid, dmap, conn,
+            kind, dev_id, name, pid, dmap, conn, polled=polled,
             inputs=[(q, r, dmap.ring(q, r)) for q in qsets for r in TO_ENGINE],
             outputs={(q, r): dmap.ring(q, r) for q in qsets for r in dev.RingId
                      if not r.to_engine},
@@ -127,7 +132,11 @@ class Attached:
         return eng.Dev(self.kind, self.id)
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "pid": self.pid, "path": str(self.dmap.path)}
+        doc: dict[str, Any] = {"id": self.id, "name": self.name, "pid": self.pid,
+                               "path": str(self.dmap.path)}
+        if self.polled:
+            doc["guest"] = True
+        return doc
 
 
 class CoreEngine:
@@ -181,18 +190,30 @@ class CoreEngine:
         name = msg.get("name", "")
         if not isinstance(name, str) or len(name) > 64:
             raise ControlError("attach: name must be a string of at most 64 characters")
+        guest = msg.get("guest", False)
+        if not isinstance(guest, bool):
+            raise ControlError(f"attach: guest must be true or false, got {guest!r}")
         kind = KINDS[kind_name]
+        geo = self.geometry[kind]
+        # VM-1: a guest maps the file as a PCI BAR (a power of two); its bells are polled
+        features = dev.Feature.POLLED if guest else dev.Feature.FUTEX_BELLS
+        size = shm.bar_size(geo.total_size) if guest else geo.total_size
         with self.lock:
             engine, dev_id = self._plug(kind)
             path = shm.device_path(self.instance, kind, dev_id)
-            dmap = shm.create_device(path, self.geometry[kind], owner_pid=pid, dev_id=dev_id)
-            a = Attached.of(kind, dev_id, name, pid, dmap, conn)
+            dmap = shm.create_device(path, geo, owner_pid=pid, dev_id=dev_id,
+                                     features=features, file_size=size)
+            a = Attached.of(kind, dev_id, name, pid, dmap, conn, polled=guest)
             dmap.set_header("state", dev.State.READY)  # DEV-4: before anyone is told the path
             self.engine = engine
             self.devices[a.key] = a
             self.by_conn[conn] = a.key
-        log.info("attached %s %d (%s, pid %d) at %s", kind_name, dev_id, name, pid, path)
-        return {"ok": True, "id": dev_id, "kind": kind_name, "path": str(path)}
+        log.info("attached %s %d (%s, pid %d%s) at %s", kind_name, dev_id, name, pid,
+                 ", for a guest" if guest else "", path)
+        reply: dict[str, Any] = {"ok": True, "id": dev_id, "kind": kind_name, "path": str(path)}
+        if guest:
+            reply["size"] = size
+        return reply
 
     def detach(self, key: eng.Dev) -> None:
         """Tear a device down: engine cleanup, state DETACHED, file removed (DEV-4)."""
@@ -440,16 +461,23 @@ class CoreEngine:
     def run_switch(self) -> None:
         """The switching loop, until :attr:`stop`."""
         idle = 0
+        poll = POLL_MIN
         while not self.stop.is_set():
             if self.poll_once():
                 self.loop["busy_passes"] += 1
                 idle = 0
+                poll = POLL_MIN
                 continue
             idle += 1
             if idle < SPIN:
                 os.sched_yield()
                 continue
-            self._sleep(BLOCKED_SLEEP if self.pending else bells.MAX_SLEEP)
+            timeout = BLOCKED_SLEEP if self.pending else bells.MAX_SLEEP
+            if any(a.polled for a in self.devices.values()):
+                # VM-2: a guest's bell wakes nobody here: look again after `poll`, which
+                # doubles while nothing comes, up to POLL_MAX
+                timeout, poll = min(timeout, poll), min(poll * 2, POLL_MAX)
+            self._sleep(timeout)
 
     # -- the process --------------------------------------------------------------------
     def listen(self) -> socket.socket:
@@ -563,16 +591,19 @@ class Attachment:
 
 
 def attach(kind: str, name: str = "", instance: str | None = None, *,
-           timeout: float = 5.0) -> Attachment:
+           timeout: float = 5.0, guest: bool = False) -> Attachment:
     """Hot-plug a device of ``kind`` (``tenant`` or ``nsm``) and map it.
 
+    ``guest``: the device is for a virtual machine (VM-1): a power-of-two file, polled bells.
     ConnectionRefusedError/FileNotFoundError if the instance is not running;
     ControlError with the CoreEngine's message if it refuses.
     """
     conn = _connect(instance, timeout)
+    msg: dict[str, Any] = {"cmd": "attach", "kind": kind, "pid": os.getpid(), "name": name}
+    if guest:
+        msg["guest"] = True
     try:
-        reply = _exchange(conn, {"cmd": "attach", "kind": kind, "pid": os.getpid(),
-                                 "name": name})
+        reply = _exchange(conn, msg)
         if not reply.get("ok"):
             raise ControlError(str(reply.get("error", reply)))
         path = Path(reply["path"])

@@ -49,6 +49,7 @@ class Feature(enum.IntFlag):
     NONE = 0
     FUTEX_BELLS = 1 << 0  # sleepers wait on the queue set's bell words with futex
     HUGE_PAGES = 1 << 1  # the region is backed by huge pages (informative)
+    POLLED = 1 << 2  # bells wake nobody across this device (a guest BAR): bounded sleeps, VM-2
 
 
 class RingId(enum.IntEnum):
@@ -97,7 +98,7 @@ HEADER_DOC: Final[dict[str, str]] = {
     "magic": "the 8 ASCII bytes NKDEVICE",
     "version": "layout version, 1",
     "header_size": "bytes from the start of the region to the end of the header (256)",
-    "features": "feature bits (FUTEX_BELLS=1, HUGE_PAGES=2)",
+    "features": "feature bits (FUTEX_BELLS=1, HUGE_PAGES=2, POLLED=4)",
     "total_size": "size of the whole region in bytes",
     "kind": "1 tenant device, 2 NSM device",
     "state": "0 INIT, 1 READY, 2 DETACHED; written by the CoreEngine only",

@@ -105,21 +105,28 @@ class DeviceMap:
 
     @classmethod
     def create(cls, path: Path, geo: dev.Geometry, *, owner_pid: int = 0,
-               dev_id: int = 0) -> Self:
+               dev_id: int = 0, features: dev.Feature = dev.Feature.FUTEX_BELLS,
+               file_size: int | None = None) -> Self:
         """Create a new device file, size it and write a fresh header in state INIT (DEV-4).
 
-        Fails with FileExistsError rather than reuse a file someone else may map.
+        ``file_size`` (at least ``geo.total_size``) makes the file longer than the device:
+        a guest's PCI BAR is a power of two (VM-1); the tail is not part of the device and
+        is not mapped here (DEV-14). Fails with FileExistsError rather than reuse a file
+        someone else may map.
         """
+        size = geo.total_size if file_size is None else file_size
+        if size < geo.total_size:
+            raise dev.DeviceError(f"a file of {size} bytes cannot hold {geo.total_size}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, geo.total_size)
+            os.ftruncate(fd, size)
             m = cls(path, fd, geo.total_size, geo)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
         os.close(fd)  # the mapping keeps the file's pages
-        m.init_header(m.buf, geo, owner_pid=owner_pid, dev_id=dev_id)
+        m.init_header(m.buf, geo, owner_pid=owner_pid, dev_id=dev_id, features=features)
         return m
 
     @classmethod
@@ -180,9 +187,16 @@ class DeviceMap:
 
 
 def create_device(path: Path, geo: dev.Geometry, *, owner_pid: int = 0,
-                  dev_id: int = 0) -> DeviceMap:
+                  dev_id: int = 0, features: dev.Feature = dev.Feature.FUTEX_BELLS,
+                  file_size: int | None = None) -> DeviceMap:
     """:meth:`DeviceMap.create`: a new device file in state INIT (DEV-4)."""
-    return DeviceMap.create(path, geo, owner_pid=owner_pid, dev_id=dev_id)
+    return DeviceMap.create(path, geo, owner_pid=owner_pid, dev_id=dev_id, features=features,
+                            file_size=file_size)
+
+
+def bar_size(total_size: int) -> int:
+    """The smallest power of two that holds ``total_size`` bytes: a PCI BAR's size (VM-1)."""
+    return 1 << max(total_size - 1, 1).bit_length()
 
 
 def open_device(path: Path | str) -> DeviceMap:

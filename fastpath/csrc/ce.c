@@ -46,6 +46,7 @@ struct qset {
 
 struct device {
 	uint8_t kind, ident, broken;
+	uint8_t polled; /* VM-2: its bells wake nobody; our flag, never the header's (VM-5) */
 	int32_t slot; /* index in ce->slots: part of a source ID */
 	uint32_t n_qsets;
 	void *base;
@@ -64,6 +65,8 @@ struct nk_ce {
 	uint64_t pending_nqes;
 	uint32_t blocked;       /* sources with held > 0 */
 	uint32_t n_broken;
+	uint32_t n_polled;      /* devices with polled set: every sleep is bounded (VM-2) */
+	int64_t poll_ns;        /* the next bounded sleep: NK_POLL_MIN_NS after work, doubling */
 	_Atomic uint32_t ctl;   /* the control word: nk_ce_interrupt bumps it */
 	uint32_t ctl_seen;
 	struct nk_ce_stats stats;
@@ -220,7 +223,10 @@ static int64_t backlog_flush(struct nk_ce *ce, struct backlog *b)
 		/* nk_ring_consumer_sleeping: seq_cst fence between our tail store and
 		 * the flags load, paired with the consumer's in prepare_sleep (RING-6) */
 		if (nk_ring_consumer_sleeping(b->ring)) {
-			nk_bell_ring(b->bell);
+			if (b->dev->polled)
+				nk_bell_bump(b->bell); /* VM-2: its sleeper is in another kernel */
+			else
+				nk_bell_ring(b->bell);
 			ce->stats.bells++;
 		}
 	}
@@ -281,6 +287,7 @@ struct nk_ce *nk_ce_new(const struct nk_engine_config *cfg)
 	if (ce) {
 		const char *spin = getenv("NK_CE_SPIN"); /* tuning, for bench/ */
 		ce->spin = spin && *spin ? (unsigned)strtoul(spin, NULL, 10) : NK_CE_SPIN;
+		ce->poll_ns = NK_POLL_MIN_NS;
 	}
 	if (!ce)
 		return NULL;
@@ -400,6 +407,23 @@ static void forget_sources_of(struct nk_ce *ce, struct device *d)
 			}
 }
 
+int nk_ce_set_polled(struct nk_ce *ce, int kind, int ident, int polled)
+{
+	if ((kind != NK_KIND_TENANT && kind != NK_KIND_NSM) || ident < 0 || ident > 255)
+		return -ENOENT;
+	struct device *d = ce->by_id[kind][ident];
+	if (!d)
+		return -ENOENT;
+	if (d->polled != (polled != 0)) {
+		d->polled = polled != 0;
+		if (d->polled)
+			ce->n_polled++;
+		else
+			ce->n_polled--;
+	}
+	return 0;
+}
+
 int nk_ce_remove_device(struct nk_ce *ce, int kind, int ident)
 {
 	if ((kind != NK_KIND_TENANT && kind != NK_KIND_NSM) || ident < 0 || ident > 255)
@@ -420,6 +444,8 @@ int nk_ce_remove_device(struct nk_ce *ce, int kind, int ident)
 	ce->n_devices--;
 	if (d->broken)
 		ce->n_broken--;
+	if (d->polled)
+		ce->n_polled--;
 	/* CE-18, CE-19: what the engine owes the other side goes out like any output */
 	int n = nk_engine_detach(ce->engine, kind, ident);
 	if (n > 0) {
@@ -523,6 +549,13 @@ static void sleep_idle(struct nk_ce *ce, int64_t deadline)
 	int watch = qsets < NK_BELL_WAITV_MAX; /* else a short timed sleep, as the reference */
 	if (!watch && now_ns() + NK_CE_BLOCKED_SLEEP_NS < until)
 		until = now_ns() + NK_CE_BLOCKED_SLEEP_NS;
+	if (ce->n_polled) {
+		/* VM-2: a guest rings our bell word but its FUTEX_WAKE stays in its kernel:
+		 * look again after poll_ns, which doubles while nothing comes */
+		if (now_ns() + ce->poll_ns < until)
+			until = now_ns() + ce->poll_ns;
+		ce->poll_ns = ce->poll_ns * 2 > NK_POLL_MAX_NS ? NK_POLL_MAX_NS : ce->poll_ns * 2;
+	}
 	int idle = 1;
 	for (uint32_t i = 0; i < ce->n_devices; i++) {
 		struct device *d = ce->order[i];
@@ -573,6 +606,7 @@ int nk_ce_run(struct nk_ce *ce, int64_t timeout_ns)
 		if (nk_ce_poll(ce)) {
 			ce->stats.busy_passes++;
 			idle = 0;
+			ce->poll_ns = NK_POLL_MIN_NS; /* VM-2: work came: short sleeps again */
 		} else if (++idle < ce->spin) {
 			sched_yield();
 		} else {

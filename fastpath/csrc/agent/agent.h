@@ -153,7 +153,11 @@ struct ag {
 	uint64_t ret_held_bytes;
 	int64_t ret_held_since;
 	int64_t vm_id;
-	int engine_fd;
+	int engine_fd;           /* the attach's control connection (RT-4); -1 for a device
+				  * handed to us (spec/vm.md VM-3): its end is DETACHED (VM-4) */
+	int dev_fd;              /* a handed device, held open for its flock (VM-6), or -1 */
+	bool polled;             /* VM-2: bells do not cross to the CoreEngine: bounded sleeps */
+	uint64_t work_gen;       /* bumped by the loop when it found work (bell thread's step) */
 	/* the loop */
 	int epfd, wake_fd, listen_fd, hold_fd, sig_fd, diag_fd;
 	pthread_t bell_thread;
@@ -234,6 +238,7 @@ void ag_sock_try_shutdown(struct ag *a, struct ag_sock *s);
 void ag_tick(struct ag *a);
 void ag_reap(struct ag *a);
 void ag_all_broken(struct ag *a, int err);
+void ag_close_all(struct ag *a);
 
 /* ctl.c */
 void ag_conn_accept(struct ag *a);

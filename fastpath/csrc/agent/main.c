@@ -10,6 +10,13 @@
  * removed. The CoreEngine's end (engine.sock EOF or a DETACHED header, RT-4, GL-9) resets
  * every socket (PRE-9) and the agent exits once idle. SIGTERM: exit as if idle now.
  * SIGINT is ignored: a Ctrl-C meant for the program must not cut its sockets.
+ *
+ * A device handed to us (spec/vm.md VM-3): NETKERNEL_DEVICE=pci maps BAR 2 of the PCI
+ * device 1af4:1110 (ivshmem: a guest whose host attached the device for it and holds the
+ * connection), NETKERNEL_DEVICE=PATH maps that file the same way; with NETKERNEL_DEVICE
+ * unset the PCI device is taken when the instance has no engine.sock. No attach then:
+ * the VM ID is the header's dev_id, the CoreEngine's end is the header's DETACHED (VM-4),
+ * the file is flock'ed (VM-6), and a POLLED device's bells are polled (VM-2).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,8 +28,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -208,26 +217,131 @@ static int attach(struct ag *a, const struct opts *o, char *dev, size_t devcap, 
 	return 0;
 }
 
-static int map_device(struct ag *a, const char *path, const char **why)
+/* Map the device file at `path` (MAP_SHARED, the whole file: a BAR may be longer than the
+ * device, DEV-14). A handed device (VM-3) is first locked (VM-6) and its fd kept for the
+ * lock; its VM ID is the header's dev_id. */
+static int map_device(struct ag *a, const char *path, bool handed, const char **why)
 {
+	static char msg[PATH_MAX + 128];
 	int fd = open(path, O_RDWR | O_CLOEXEC);
 	struct stat st;
 	if (fd < 0 || fstat(fd, &st) < 0) {
-		*why = "cannot open the device file";
+		snprintf(msg, sizeof(msg), "cannot open the device %s: %s", path, strerror(errno));
+		*why = msg;
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	if (handed && flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		snprintf(msg, sizeof(msg), "the device %s is in use by another device side (%s)",
+			 path, strerror(errno));
+		*why = msg;
+		close(fd);
 		return -1;
 	}
 	void *base = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	close(fd);
 	if (base == MAP_FAILED) {
-		*why = "cannot map the device file";
+		snprintf(msg, sizeof(msg), "cannot map the device %s: %s", path, strerror(errno));
+		*why = msg;
+		close(fd);
 		return -1;
 	}
-	int rc = ag_dev_init(a, base, (uint64_t)st.st_size); /* DEV-2, DEV-12..14 */
+	if (handed)
+		a->dev_fd = fd; /* the flock lives as long as the fd (VM-6) */
+	else
+		close(fd);
+	int rc = ag_dev_init(a, base, (uint64_t)st.st_size); /* DEV-2, DEV-12..14, READY */
 	if (rc < 0) {
-		*why = strerror(-rc);
+		snprintf(msg, sizeof(msg), "%s is not a ready tenant device: %s", path,
+			 strerror(-rc));
+		*why = msg;
 		return -1;
 	}
+	if (handed)
+		a->vm_id = ((const struct nk_dev_header *)base)->dev_id; /* VM-3 */
 	return 0;
+}
+
+/* ---- a device handed to us: the guest's PCI BAR, or a file (spec/vm.md VM-3) ------------ */
+
+#define NK_IVSHMEM_VENDOR 0x1af4
+#define NK_IVSHMEM_DEVICE 0x1110
+
+static long read_hex_file(const char *dir, const char *name)
+{
+	char path[PATH_MAX], buf[32];
+	if ((size_t)snprintf(path, sizeof(path), "%s/%s", dir, name) >= sizeof(path))
+		return -1;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return -1;
+	buf[n] = 0;
+	return strtol(buf, NULL, 16);
+}
+
+/* The first PCI device 1af4:1110 under the PCI devices directory (NETKERNEL_PCI_ROOT for
+ * the tests, else /sys/bus/pci/devices), as the path of its resource2: 0, or -1. */
+static int find_pci(char *out, size_t cap)
+{
+	const char *root = getenv("NETKERNEL_PCI_ROOT");
+	if (!root || !*root)
+		root = "/sys/bus/pci/devices";
+	DIR *d = opendir(root);
+	if (!d)
+		return -1;
+	char best[NAME_MAX + 1] = "";
+	struct dirent *e;
+	while ((e = readdir(d))) { /* the lowest address wins: one answer, whatever the order */
+		char dir[PATH_MAX];
+		if (e->d_name[0] == '.' ||
+		    (size_t)snprintf(dir, sizeof(dir), "%s/%s", root, e->d_name) >= sizeof(dir))
+			continue;
+		if (read_hex_file(dir, "vendor") == NK_IVSHMEM_VENDOR &&
+		    read_hex_file(dir, "device") == NK_IVSHMEM_DEVICE &&
+		    (!best[0] || strcmp(e->d_name, best) < 0))
+			snprintf(best, sizeof(best), "%s", e->d_name);
+	}
+	closedir(d);
+	if (!best[0] || (size_t)snprintf(out, cap, "%s/%s/resource2", root, best) >= cap)
+		return -1;
+	return 0;
+}
+
+/* Which device: 1 handed (its path in dev), 0 attach through engine.sock, -1 (why set). */
+static int handed_device(const struct opts *o, char *dev, size_t cap, bool *pci,
+			 const char **why)
+{
+	const char *want = getenv("NETKERNEL_DEVICE");
+	*pci = false;
+	if (want && *want && strcmp(want, "pci") != 0) {
+		if ((size_t)snprintf(dev, cap, "%s", want) >= cap) {
+			*why = "NETKERNEL_DEVICE: path too long";
+			return -1;
+		}
+		return 1;
+	}
+	if (!want || !*want) {
+		/* automatic: a guest has no engine.sock, but has the PCI device */
+		char sock[PATH_MAX];
+		struct stat st;
+		if ((size_t)snprintf(sock, sizeof(sock), "%s/%s/engine.sock", o->root,
+				     o->instance) >= sizeof(sock) ||
+		    stat(sock, &st) == 0 || errno != ENOENT)
+			return 0;
+	}
+	if (find_pci(dev, cap) == 0) {
+		*pci = true;
+		return 1;
+	}
+	if (want && *want) {
+		*why = "NETKERNEL_DEVICE=pci: no PCI device 1af4:1110 (ivshmem) found";
+		return -1;
+	}
+	return 0; /* no PCI device either: the attach says what is missing */
 }
 
 /* ---- the control socket ----------------------------------------------------------------- */
@@ -408,8 +522,10 @@ static bool round_once(struct ag *a, bool busy)
 {
 	static int64_t last_work;
 	int64_t now = ag_now_ns();
-	if (busy)
+	if (busy) {
 		last_work = now;
+		a->work_gen++; /* the bell thread's polled sleeps start short again (VM-2) */
+	}
 	else if (now - last_work < a->spin_ns)
 		busy = true; /* spin a little: a sleep costs the bell thread's hop */
 	int n = ag_poll_rings(a);
@@ -481,6 +597,8 @@ static int run(struct ag *a)
 		if (a->stopping || (a->idle_since >= 0 && now - a->idle_since >= a->idle_ns)) {
 			exiting = a->exiting = true; /* every reply is awaited from here on */
 			deadline = now + AG_EXIT_NS;
+			if (a->engine_fd < 0 && !a->ce_dead)
+				ag_close_all(a); /* VM-6: no detach will close them for us */
 			unlink(a->path); /* no new connection from here on */
 			epoll_ctl(a->epfd, EPOLL_CTL_DEL, a->listen_fd, NULL);
 			close(a->listen_fd);
@@ -512,10 +630,18 @@ int main(int argc, char **argv)
 
 	char dev[PATH_MAX];
 	const char *why = NULL;
-	if (attach(a, &o, dev, sizeof(dev), &why) < 0 || map_device(a, dev, &why) < 0) {
+	bool pci = false;
+	a->dev_fd = -1;
+	int handed = handed_device(&o, dev, sizeof(dev), &pci, &why);
+	a->polled = pci; /* VM-2: no futex on a PCI BAR, whatever the header says */
+	if (handed < 0 || (handed == 0 && attach(a, &o, dev, sizeof(dev), &why) < 0) ||
+	    map_device(a, dev, handed == 1, &why) < 0) {
 		fprintf(stderr, "nk-agent: %s\n", why); /* PRE-9: the library answers ENETDOWN */
 		return 3;
 	}
+	if (a->debug)
+		fprintf(stderr, "nk-agent: vm %lld on %s%s%s\n", (long long)a->vm_id, dev,
+			handed ? " (handed, VM-3)" : "", a->polled ? ", polled (VM-2)" : "");
 	a->hash_mask = 4095;
 	a->hash = calloc(a->hash_mask + 1, sizeof(*a->hash));
 	a->epfd = epoll_create1(EPOLL_CLOEXEC);
@@ -534,10 +660,12 @@ int main(int argc, char **argv)
 		fprintf(stderr, "nk-agent: cannot listen on %s: %s\n", o.socket, strerror(errno));
 		return 1;
 	}
-	fcntl(a->engine_fd, F_SETFL, O_NONBLOCK);
 	watch_fd(a, a->wake_fd, &ag_tag_wake);
 	watch_fd(a, a->listen_fd, &ag_tag_listen);
-	watch_fd(a, a->engine_fd, &ag_tag_engine);
+	if (a->engine_fd >= 0) { /* a handed device has none: VM-4, the header says */
+		fcntl(a->engine_fd, F_SETFL, O_NONBLOCK);
+		watch_fd(a, a->engine_fd, &ag_tag_engine);
+	}
 	watch_fd(a, a->sig_fd, &ag_tag_signal);
 	if (o.hold_fd >= 0) {
 		a->hold_fd = o.hold_fd;
@@ -569,5 +697,7 @@ int main(int argc, char **argv)
 			(unsigned long long)a->n_bells);
 	if (a->engine_fd >= 0)
 		close(a->engine_fd); /* RT-4: the hot-unplug */
+	if (a->dev_fd >= 0)
+		close(a->dev_fd); /* VM-6: the next device side may have it; the host keeps it attached */
 	return rc;
 }

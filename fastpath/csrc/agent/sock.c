@@ -827,6 +827,19 @@ static void send_close(struct ag *a, struct ag_sock *s)
 	}
 }
 
+/* The agent is leaving a device that no detach will clean up (a handed device, spec/vm.md
+ * VM-6): CLOSE every socket it still has, so that the next device side on the device
+ * starts with no socket of ours in the CoreEngine's table. The exit waits for the replies
+ * (GL-10). A socket an ACCEPT is still creating is closed with its listener (NSM-8). */
+void ag_close_all(struct ag *a)
+{
+	for (uint32_t i = 0; i < a->nsocks; i++) {
+		struct ag_sock *s = a->socks[i];
+		if (s && !s->freed && !s->close_sent && !s->accept_pending)
+			send_close(a, s);
+	}
+}
+
 /* After EPOLLHUP and the last bytes SENT: is the app end really closed? */
 static void finish(struct ag *a, struct ag_sock *s)
 {

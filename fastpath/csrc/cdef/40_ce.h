@@ -13,6 +13,7 @@ struct nk_ce *nk_ce_new(const struct nk_engine_config *cfg);
 void nk_ce_free(struct nk_ce *ce);
 struct nk_engine *nk_ce_engine(struct nk_ce *ce);
 int nk_ce_add_device(struct nk_ce *ce, const struct nk_geometry *geo, int ident, void *base);
+int nk_ce_set_polled(struct nk_ce *ce, int kind, int ident, int polled);
 int nk_ce_remove_device(struct nk_ce *ce, int kind, int ident);
 int64_t nk_ce_poll(struct nk_ce *ce);
 int nk_ce_run(struct nk_ce *ce, int64_t timeout_ns);

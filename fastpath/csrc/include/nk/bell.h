@@ -24,6 +24,8 @@
 #define FUTEX_32 2
 #endif
 #define NK_BELL_WAITV_MAX 128
+#define NK_POLL_MIN_NS 50000LL   /* VM-2: the first bounded sleep after work on a POLLED device */
+#define NK_POLL_MAX_NS 1000000LL /* ... doubling while nothing comes, up to this */
 
 /* The bell's current value: read it before the last ring re-check. */
 static inline uint32_t nk_bell_value(uint32_t *bell)
@@ -39,6 +41,15 @@ static inline int nk_bell_ring(uint32_t *bell)
 	atomic_fetch_add_explicit((_Atomic uint32_t *)bell, 1, memory_order_seq_cst);
 	long rc = syscall(SYS_futex, bell, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
 	return rc < 0 ? -errno : (int)rc;
+}
+
+/* Ring without the wake-up: +1 only. For a POLLED device (spec/vm.md VM-2) whose other
+ * side is in another kernel: a FUTEX_WAKE would reach nobody there (and fails with EFAULT on
+ * a guest's PCI BAR); the sleeper sees the word change when its bounded sleep ends. */
+static inline void nk_bell_bump(uint32_t *bell)
+{
+	/* seq_cst RMW: ordered after the tail store the caller made, as in nk_bell_ring */
+	atomic_fetch_add_explicit((_Atomic uint32_t *)bell, 1, memory_order_seq_cst);
 }
 
 static inline struct timespec nk_ns_to_timespec(int64_t ns)
@@ -57,6 +68,32 @@ static inline int nk_bell_wait(uint32_t *bell, uint32_t expected, int64_t timeou
 	if (rc == 0 || errno == EAGAIN)
 		return 0;
 	return -errno;
+}
+
+/* VM-2: wait for *bell to differ from `expected` without futex (a POLLED device: the
+ * ringer is in another kernel, and FUTEX_WAIT on a guest's PCI BAR fails with EFAULT).
+ * Sleeps in steps of *step_ns, re-reading the word after each; the step doubles up to
+ * max_ns and stays doubled for the next call (the caller resets it when work comes).
+ * At most timeout_ns in all. Returns 0 (the word changed) or -ETIMEDOUT. */
+static inline int nk_bell_poll_wait(uint32_t *bell, uint32_t expected, int64_t timeout_ns,
+				    int64_t *step_ns, int64_t max_ns)
+{
+	struct timespec t0, t;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (;;) {
+		/* acquire, as nk_bell_value: the rings read after a change are at least as new */
+		if (nk_bell_value(bell) != expected)
+			return 0;
+		clock_gettime(CLOCK_MONOTONIC, &t);
+		int64_t spent = (int64_t)(t.tv_sec - t0.tv_sec) * 1000000000 + (t.tv_nsec - t0.tv_nsec);
+		if (spent >= timeout_ns)
+			return -ETIMEDOUT;
+		int64_t step = *step_ns < timeout_ns - spent ? *step_ns : timeout_ns - spent;
+		struct timespec ts = nk_ns_to_timespec(step);
+		nanosleep(&ts, NULL);
+		if (*step_ns < max_ns)
+			*step_ns = *step_ns * 2 > max_ns ? max_ns : *step_ns * 2;
+	}
 }
 
 /* futex_waitv: sleep until any of n bells differs from its expected value.

@@ -64,6 +64,10 @@ struct nk_engine *nk_ce_engine(struct nk_ce *ce);
  * device's mapping, geo its geometry (geo->kind says tenant or NSM). Returns
  * 0, -EEXIST (ID in use or draining), -EINVAL, -ENOMEM. */
 int nk_ce_add_device(struct nk_ce *ce, const struct nk_geometry *geo, int ident, void *base);
+/* VM-2: the device's bells wake nobody here (a guest's BAR): while it is attached every
+ * sleep of nk_ce_run is bounded, 50 us after work doubling to 1 ms. Our own flag, set by
+ * whoever attached it, never read from the device (VM-5). 0 or -ENOENT. */
+int nk_ce_set_polled(struct nk_ce *ce, int kind, int ident, int polled);
 /* Detach a device: the engine's cleanup (CE-18, CE-19) is routed to the
  * other devices; its queued outputs are dropped, and sources held for it are
  * released. The caller unmaps it afterwards. Returns 0 or -ENOENT. */

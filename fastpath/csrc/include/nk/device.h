@@ -23,7 +23,7 @@
 
 enum nk_kind { NK_KIND_TENANT = 1, NK_KIND_NSM = 2 };
 enum nk_state { NK_STATE_INIT = 0, NK_STATE_READY = 1, NK_STATE_DETACHED = 2 };
-enum nk_feature { NK_FEATURE_FUTEX_BELLS = 1, NK_FEATURE_HUGE_PAGES = 2 };
+enum nk_feature { NK_FEATURE_FUTEX_BELLS = 1, NK_FEATURE_HUGE_PAGES = 2, NK_FEATURE_POLLED = 4 };
 enum nk_ring_id { NK_RING_JOB = 0, NK_RING_COMPLETION = 1, NK_RING_SEND = 2, NK_RING_RECEIVE = 3 };
 enum nk_bell_id { NK_BELL_DEVICE = 0, NK_BELL_ENGINE = 1 };
 

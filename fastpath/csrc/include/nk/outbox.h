@@ -20,6 +20,7 @@ struct nk_outbox {
 	struct nk_ring ring;
 	struct nk_nqe *q; /* NQEs waiting for room, FIFO */
 	uint32_t head, len, cap;
+	bool polled; /* VM-2: the consumer is in another kernel: bump the bell, no FUTEX_WAKE */
 };
 
 /* Queue one NQE behind those waiting: 0, or -ENOMEM. */
@@ -63,7 +64,10 @@ static inline int64_t nk_outbox_flush(struct nk_outbox *b, uint32_t *bell, uint6
 	}
 	/* consumer_sleeping's seq_cst fence orders our tail store before its flags load */
 	if (pushed && nk_ring_consumer_sleeping(&b->ring)) {
-		nk_bell_ring(bell);
+		if (b->polled)
+			nk_bell_bump(bell);
+		else
+			nk_bell_ring(bell);
 		(*bells)++;
 	}
 	return pushed;
