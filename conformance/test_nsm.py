@@ -712,6 +712,7 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE, IP_TRANSPARENT, TCP_CONGESTION, TCP_ULP = 32, 33
     (socket.SOL_IP, IP_TRANSPARENT, struct.pack("i", 1)),
     (socket.IPPROTO_TCP, TCP_CONGESTION, b"reno\0"),
     (socket.IPPROTO_TCP, TCP_ULP, b"tls\0"),
+    (socket.SOL_SOCKET, socket.SO_REUSEPORT, struct.pack("i", 1)),  # joins other tenants
     (0x7777, 1, struct.pack("i", 1)),
 ])
 def test_options_beyond_the_tenants_socket_are_refused(nsm: Any, raw: Raw, tenant: RawTenant,
