@@ -920,7 +920,9 @@ def test_a_new_connections_events_wait_for_its_reply(double: EngineDouble, vm: i
             uport = parse_sa(bytes(double.tenants[vm].data()[rep.data_ptr:rep.data_ptr + 16]))[1]
             with socket.socket(AF_INET, socket.SOCK_DGRAM) as u:
                 u.sendto(b"last words", (LOOP, uport))
-            time.sleep(0.05)  # the NSM has read the datagram and published EV_DATA
+            # the NSM has read the datagram and published its EV_DATA, still unread
+            wait_until("the NSM publishes the datagram's EV_DATA", lambda: any(
+                len(r) for (_, rid), r in port.inp.items() if rid == dev.RingId.SEND), 5.0)
             close = double.post(Op.CLOSE, vm, 4)
             time.sleep(0.2)
             assert not port.has_reply(*close), "CLOSE answered before the socket's events"
