@@ -442,6 +442,26 @@ def test_connect_and_accept_are_answered_when_done(nsm: Any, raw: Raw, tenant: R
 
 
 @pytest.mark.req("NSM-15")
+def test_each_connection_no_accept_takes_is_announced(nsm: Any, raw: Raw,
+                                                      tenant: RawTenant) -> None:
+    """After a non-blocking ACCEPT took the announced connection, the next one that
+    arrives is announced again: a server that accepts on EV_ACCEPTABLE never stalls."""
+    lst, port = raw.listener()
+    taken = []
+    with contextlib.ExitStack() as stack:
+        for i in range(3):
+            c = stack.enter_context(socket.create_connection((LOOP, port)))
+            ev = tenant.event(of(lst, Op.EV_ACCEPTABLE))
+            assert ev.op_data == 1, f"connection {i}: {ev}"
+            sid = tenant.new_id()
+            assert tenant.do(Op.ACCEPT, lst, sid | ACCEPT_NOWAIT, out=28) == 16
+            assert parse_sa(tenant.last_out) == c.getsockname()
+            taken.append(sid)
+    for sid in (*taken, lst):
+        assert raw.close(sid) == 0
+
+
+@pytest.mark.req("NSM-15")
 def test_stream_data_arrives_in_order_then_fin(nsm: Any, raw: Raw, tenant: RawTenant,
                                                linux_listener: socket.socket) -> None:
     s, peer = raw.connected(linux_listener)
