@@ -863,6 +863,16 @@ def test_replies_echo_the_call_on_the_paired_ring(double: EngineDouble, vm: int)
     assert not extra, f"an answer nobody asked for: {extra}"
 
 
+@pytest.mark.req("NSM-12")
+def test_unmapping_a_tenant_that_is_not_mapped_changes_nothing(double: EngineDouble,
+                                                               vm: int) -> None:
+    stranger = next(_vms)  # never mapped
+    assert double.call(Op.TENANT_UNMAP, 0, 0, stranger, tag=stranger)[1].result == 0
+    assert double.call(Op.SOCKET, vm, 1, DGRAM)[1].result == 0  # the mapped tenant goes on
+    assert double.call(Op.TENANT_UNMAP, 0, 0, vm, tag=vm)[1].result == 0
+    assert double.call(Op.TENANT_UNMAP, 0, 0, vm, tag=vm)[1].result == 0  # again: nothing
+
+
 @pytest.mark.req("NSM-11")
 def test_tenant_map_maps_the_area_and_takes_the_slice(double: EngineDouble) -> None:
     v = next(_vms)
