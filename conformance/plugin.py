@@ -213,6 +213,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 _BLOB = re.compile(r"@reproduce_failure\([^)]*\)")
+#: How Hypothesis opens the note naming the failing input: "Falsifying example" in older
+#: releases (6.155 here), "Failing test case" in newer ones (6.170, what pip installs).
+_EXAMPLE = ("Falsifying example", "Failing test case")
 
 
 def _notes(exc: BaseException | None) -> list[str]:
@@ -230,12 +233,13 @@ def _failure(item: pytest.Item, call: pytest.CallInfo[None],
     """A failure's short error, its traceback (shortened) and how to reproduce it."""
     crash = getattr(report.longrepr, "reprcrash", None)
     text = str(getattr(crash, "message", "") or report.longrepr or "")
-    text = text.split("\nFalsifying example", 1)[0]
+    for opening in _EXAMPLE:
+        text = text.split("\n" + opening, 1)[0]
     lines = [ln for ln in text.splitlines() if ln.strip()]
     error = nkreport.shorten("\n".join(lines[:6]), 1000)
     notes = _notes(call.excinfo.value if call.excinfo else None)
     repro: dict[str, Any] = {"command": _rerun_command(item)}
-    example = [n for n in notes if n.startswith("Falsifying")]
+    example = [n for n in notes if n.startswith(_EXAMPLE)]
     if example:
         repro["falsifying_example"] = nkreport.shorten("\n".join(example))
     blobs = [m.group(0) for n in notes for m in _BLOB.finditer(n)]
