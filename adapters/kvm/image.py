@@ -29,11 +29,12 @@ import io
 import json
 import lzma
 import os
+import re
 import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -60,10 +61,16 @@ PYTHON_MODULES: Final = (
     "encodings.ascii", "encodings.utf_8_sig", "mmap", "glob",
 )
 GUESTLIB_DIR: Final = "/usr/lib/netkernel"
+#: The baseline's NIC (``netkernel vm --nic user``): the kernel modules of a virtio-net
+#: PCI device (Debian builds virtio, virtio_pci and virtio_net as modules), in the image
+#: with what they depend on, loaded by ``/init`` in the order of the ``order`` file, and
+#: only in that mode: the default guest has no NIC driver to speak of and no NIC.
+NIC_MODULES: Final = ("virtio_pci", "virtio_net")
+NIC_MODULE_DIR: Final = "usr/lib/netkernel/nic"
 #: Who the files belong to and where they go: merged /usr, as on Debian 12.
 _MERGED: Final = (("bin", "usr/bin"), ("sbin", "usr/bin"), ("lib", "usr/lib"),
                   ("lib64", "usr/lib64"))
-_BUILDER_VERSION: Final = 1
+_BUILDER_VERSION: Final = 2
 
 
 class ImageError(RuntimeError):
@@ -150,6 +157,64 @@ def kernel_package() -> str:
         if key == "Depends:" and word.startswith("linux-image-") and word.endswith("-amd64"):
             return word
     raise Unavailable(f"apt-cache names no kernel for {KERNEL_META} (run `apt-get update`)")
+
+
+def module_depends(ko: bytes) -> list[str]:
+    """The modules a ``.ko`` depends on: its ``.modinfo`` section's ``depends=`` string
+    (what ``modinfo -F depends`` prints; kmod need not be installed here)."""
+    m = re.search(rb"\0depends=([^\0]*)\0", ko)
+    names = m.group(1).decode() if m else ""
+    return [n.replace("-", "_") for n in names.split(",") if n]
+
+
+def _module_order(tree: Path, wanted: Sequence[str]) -> list[Path]:
+    """The ``.ko`` files of ``wanted`` and their dependencies under ``tree``, each after
+    what it depends on (busybox ``insmod`` resolves nothing itself)."""
+    found = {p.name[:-3].replace("-", "_"): p for p in tree.rglob("*.ko")}
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        if name not in found:
+            raise ImageError(f"the kernel package holds no module {name}.ko")
+        for dep in module_depends(found[name].read_bytes()):
+            visit(dep)
+        order.append(found[name])
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def nic_modules(kern: Kernel) -> list[Path]:
+    """The NIC's modules (:data:`NIC_MODULES` and their dependencies) in load order,
+    unpacked from the kernel package next to its ``vmlinux``. A kernel cached before they
+    were needed has them fetched now, from the same package version."""
+    dest = kern.vmlinux.parent / "nic-modules"
+    listing = dest / "order"
+    if not listing.is_file():
+        with tempfile.TemporaryDirectory(dir=kern.vmlinux.parent) as tmp:
+            _run(["apt-get", "download", "-o", "APT::Sandbox::User=root",
+                  f"{kern.package}={kern.version}"], cwd=tmp, error=Unavailable)
+            debs = list(Path(tmp).glob(f"{kern.package}_*.deb"))
+            if not debs:
+                raise ImageError(f"apt-get download {kern.package} left no .deb")
+            unpacked = Path(tmp) / "x"
+            _run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)])
+            staged = Path(tmp) / "nic-modules"
+            staged.mkdir()
+            names = []
+            for ko in _module_order(unpacked / "lib" / "modules", NIC_MODULES):
+                shutil.copyfile(ko, staged / ko.name)
+                names.append(ko.name[:-3])
+            (staged / "order").write_text("".join(f"{n}\n" for n in names))
+            shutil.rmtree(dest, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another process unpacked them first
+                os.rename(staged, dest)
+    return [dest / f"{n}.ko" for n in listing.read_text().split()]
 
 
 def _cached_kernels(root: Path) -> list[Path]:
@@ -282,7 +347,7 @@ def _guest_path(host: Path) -> str:
     return str(host.parent.resolve() / host.name).lstrip("/")
 
 
-def _inputs(guestlib: preload.Paths) -> tuple[_Tree, dict[str, object]]:
+def _inputs(guestlib: preload.Paths, kern: Kernel) -> tuple[_Tree, dict[str, object]]:
     tree = _Tree()
     for link, target in _MERGED:
         tree.links[link] = target
@@ -299,6 +364,10 @@ def _inputs(guestlib: preload.Paths) -> tuple[_Tree, dict[str, object]]:
     tree.add("etc/hosts", b"127.0.0.1\tlocalhost\n::1\tlocalhost\n")
     tree.add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     tree.add("etc/group", b"root:x:0:\n")
+    modules = nic_modules(kern)
+    for ko in modules:
+        tree.add(f"{NIC_MODULE_DIR}/{ko.name}", ko, 0o644)
+    tree.add(f"{NIC_MODULE_DIR}/order", "".join(f"{ko.name[:-3]}\n" for ko in modules).encode())
     tree.add("etc/nsswitch.conf", b"passwd: files\ngroup: files\nhosts: files\n")
 
     py = python_files()
@@ -359,7 +428,7 @@ def build(guestlib: preload.Paths | None = None, root: Path | None = None) -> Im
     """The image for this host's packages and GuestLib, from the cache or built now."""
     root = root or cache_dir()
     kern = kernel(root)
-    tree, info = _inputs(guestlib or preload.paths())
+    tree, info = _inputs(guestlib or preload.paths(), kern)
     key = _signature(tree, kern)
     images = root / "images"
     dest = images / key
@@ -399,16 +468,27 @@ def _prune(images: Path, keep: str, count: int = 3) -> None:
 # -- a run's own archive -------------------------------------------------------------------
 
 
-def run_archive(cmd: Sequence[str], name: str) -> bytes:
+def run_archive(cmd: Sequence[str], name: str, *, nic: str = "none",
+                files: Mapping[str, bytes] | None = None) -> bytes:
     """The archive appended to the image for one run: ``/nk/cmd.sh``, which ``/init``
-    sources (the command as positional parameters, quoted for sh)."""
+    sources (the command as positional parameters, quoted for sh; ``NK_NIC``, the
+    guest's network device: ``none``, or ``user`` for the baseline's virtio-net NIC), and
+    ``files``: guest path -> bytes, executable (a program under test, say)."""
     import shlex
 
     script = (f"NK_NAME={shlex.quote(name)}\n"
+              f"NK_NIC={shlex.quote(nic)}\n"
               f"set -- {' '.join(shlex.quote(a) for a in cmd)}\n")
     out = io.BytesIO()
     w = cpio.Writer(out)
-    w.directory("nk")
+    dirs = {"nk"}
+    for path in files or {}:
+        parts = path.strip("/").split("/")[:-1]
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for d in sorted(dirs):
+        w.directory(d)
     w.file("nk/cmd.sh", script.encode())
+    for path, data in sorted((files or {}).items()):
+        w.file(path.strip("/"), data, 0o755)
     w.close()
     return out.getvalue()
