@@ -85,6 +85,7 @@ class Sample:
 class Results:
     samples: list[Sample] = field(default_factory=list)
     boots: dict[str, list[float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
 
     def of(self, case: str, mode: str) -> list[Sample]:
         return [s for s in self.samples if s.case == case and s.mode == mode]
@@ -230,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n, (rnd, case) in enumerate(steps, 1):
             t0 = time.monotonic()
-            samples = run_guest(case, binary, args.seconds, accel, name, results)
+            try:
+                samples = run_guest(case, binary, args.seconds, accel, name, results)
+            except BenchError as exc:  # said, kept, and the other runs go on
+                results.failures.append(f"round {rnd + 1} {case}: {exc}")
+                say(f"[{n}/{len(steps)} {time.monotonic() - started:.0f} s] round {rnd + 1}"
+                    f" {case}: FAILED: {exc}")
+                continue
             results.samples += samples
             figures = ", ".join(
                 f"{s.mode} {s.rate:.1f} {'rt/s' if s.mode == 'rr' else 'MB/s'}"
@@ -238,13 +245,15 @@ def main(argv: list[str] | None = None) -> int:
             say(f"[{n}/{len(steps)} {time.monotonic() - started:.0f} s] round {rnd + 1}"
                 f" {case}: {figures}; guest {time.monotonic() - t0:.1f} s, booted in"
                 f" {results.boots.get(case, [float('nan')])[-1]:.2f} s")
-    except BenchError as exc:
-        print(f"bench.vm: error: {exc}", file=sys.stderr)
-        return 1
     finally:
         with contextlib.suppress(inst.InstanceError):
             inst.down(name)
     report(results, accel, args)
+    if results.failures:
+        say(f"{len(results.failures)} of {len(steps)} guest runs failed:")
+        for failure in results.failures:
+            say(f"  {failure}")
+        return 1
     return 0
 
 
@@ -254,7 +263,8 @@ def report(results: Results, accel: str, args: argparse.Namespace) -> None:
     say(f"medians of {args.rounds} round(s), {args.seconds:g} s per test, accel {accel}:")
     say(f"{'test':<22}{'case':<34}{'rate':>14}{'guest CPU/op':>15}{'nkperf CPU/op':>15}")
     doc: dict[str, Any] = {"accel": accel, "rounds": args.rounds, "seconds": args.seconds,
-                           "results": rows, "ratios": {}, "boot_seconds": {}}
+                           "results": rows, "ratios": {}, "boot_seconds": {},
+                           "failures": results.failures}
     for mode, size in TESTS:
         test = f"{size} B {'request/response' if mode == 'rr' else 'bulk'}"
         unit = "rt/s" if mode == "rr" else "MB/s"
