@@ -266,6 +266,46 @@ def test_a_guest_with_no_nic_fetches_a_host_file_through_netkernel(
         assert "nk-agent did not start" not in done.stderr
 
 
+def test_a_guest_socket_half_closed_by_its_app_still_reads_the_reply(
+        guest_image: image.Image) -> None:
+    """PRE-6 in a guest: the app shuts its write side (SHUT_WR) and reads on. nk-agent
+    tells an app end still open from a closed one with sock_diag; the guest loads
+    ``unix_diag`` for it (without it the kernel answers ENOENT, which reads as "closed":
+    the agent closed such a socket under the app, whose shutdown() then failed ENOENT,
+    found by bench/vm.py's bulk test). Repeated, since it was a race."""
+    rounds = 15
+    with own_instance() as name, socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def serve() -> None:
+            for _ in range(rounds):
+                conn, _ = server.accept()
+                with conn:
+                    h = hashlib.sha256()
+                    while data := conn.recv(65536):
+                        h.update(data)
+                    conn.sendall(h.hexdigest().encode())
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        client = ("import hashlib, os, socket\n"
+                  f"for i in range({rounds}):\n"
+                  "    data = os.urandom(300000)\n"
+                  f"    c = socket.create_connection(('127.0.0.1', {port}))\n"
+                  "    c.sendall(data)\n"
+                  "    c.shutdown(socket.SHUT_WR)\n"
+                  "    got = b''\n"
+                  "    while chunk := c.recv(100):\n"
+                  "        got += chunk\n"
+                  "    c.close()\n"
+                  "    print(got.decode() == hashlib.sha256(data).hexdigest(), flush=True)\n")
+        done = vm("--instance", name, "--", "sh", "-c",
+                  "grep -o '^unix_diag' /proc/modules; exec python3 -c \"$1\"", "sh", client)
+        thread.join(timeout=10)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["unix_diag"] + ["True"] * rounds, done.stderr
+
+
 def test_a_server_in_a_guest_is_reached_by_a_host_client_under_netkernel_run(
         guest_image: image.Image, tmp_path: Path) -> None:
     port = _free_port()

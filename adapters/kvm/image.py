@@ -61,12 +61,16 @@ PYTHON_MODULES: Final = (
     "encodings.ascii", "encodings.utf_8_sig", "mmap", "glob",
 )
 GUESTLIB_DIR: Final = "/usr/lib/netkernel"
-#: The baseline's NIC (``netkernel vm --nic user``): the kernel modules of a virtio-net
-#: PCI device (Debian builds virtio, virtio_pci and virtio_net as modules), in the image
-#: with what they depend on, loaded by ``/init`` in the order of the ``order`` file, and
-#: only in that mode: the default guest has no NIC driver to speak of and no NIC.
-NIC_MODULES: Final = ("virtio_pci", "virtio_net")
-NIC_MODULE_DIR: Final = "usr/lib/netkernel/nic"
+#: Kernel modules of the guest, by what ``/init`` loads them for (busybox ``insmod``, in
+#: the order of ``<group>.order``), taken from the kernel package with what they depend
+#: on. ``agent``: always, before nk-agent: ``unix_diag``, the AF_UNIX handler of
+#: sock_diag, with which the agent tells an app end still open from a closed one (PRE-6;
+#: without it the kernel answers ENOENT, which reads as "closed", and a socket whose app
+#: shut its write side is closed under it). ``nic``: only for ``netkernel vm --nic user``
+#: (the baseline), a virtio-net PCI NIC (Debian builds virtio, virtio_pci and virtio_net
+#: as modules): the default guest has no NIC.
+GUEST_MODULES: Final = {"agent": ("unix_diag",), "nic": ("virtio_pci", "virtio_net")}
+MODULE_DIR: Final = "usr/lib/netkernel/modules"
 #: Who the files belong to and where they go: merged /usr, as on Debian 12.
 _MERGED: Final = (("bin", "usr/bin"), ("sbin", "usr/bin"), ("lib", "usr/lib"),
                   ("lib64", "usr/lib64"))
@@ -189,13 +193,13 @@ def _module_order(tree: Path, wanted: Sequence[str]) -> list[Path]:
     return order
 
 
-def nic_modules(kern: Kernel) -> list[Path]:
-    """The NIC's modules (:data:`NIC_MODULES` and their dependencies) in load order,
-    unpacked from the kernel package next to its ``vmlinux``. A kernel cached before they
-    were needed has them fetched now, from the same package version."""
-    dest = kern.vmlinux.parent / "nic-modules"
-    listing = dest / "order"
-    if not listing.is_file():
+def guest_modules(kern: Kernel) -> dict[str, list[Path]]:
+    """Per group of :data:`GUEST_MODULES`, its modules and their dependencies in load
+    order, unpacked from the kernel package next to its ``vmlinux``. A kernel cached
+    before they were needed has them fetched now, from the same package version."""
+    key = hashlib.sha256(json.dumps(GUEST_MODULES, sort_keys=True).encode()).hexdigest()[:8]
+    dest = kern.vmlinux.parent / f"modules-{key}"
+    if not all((dest / f"{group}.order").is_file() for group in GUEST_MODULES):
         with tempfile.TemporaryDirectory(dir=kern.vmlinux.parent) as tmp:
             _run(["apt-get", "download", "-o", "APT::Sandbox::User=root",
                   f"{kern.package}={kern.version}"], cwd=tmp, error=Unavailable)
@@ -204,17 +208,19 @@ def nic_modules(kern: Kernel) -> list[Path]:
                 raise ImageError(f"apt-get download {kern.package} left no .deb")
             unpacked = Path(tmp) / "x"
             _run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)])
-            staged = Path(tmp) / "nic-modules"
+            staged = Path(tmp) / "modules"
             staged.mkdir()
-            names = []
-            for ko in _module_order(unpacked / "lib" / "modules", NIC_MODULES):
-                shutil.copyfile(ko, staged / ko.name)
-                names.append(ko.name[:-3])
-            (staged / "order").write_text("".join(f"{n}\n" for n in names))
+            for group, wanted in GUEST_MODULES.items():
+                names = []
+                for ko in _module_order(unpacked / "lib" / "modules", wanted):
+                    shutil.copyfile(ko, staged / ko.name)
+                    names.append(ko.name[:-3])
+                (staged / f"{group}.order").write_text("".join(f"{n}\n" for n in names))
             shutil.rmtree(dest, ignore_errors=True)
             with contextlib.suppress(OSError):  # another process unpacked them first
                 os.rename(staged, dest)
-    return [dest / f"{n}.ko" for n in listing.read_text().split()]
+    return {group: [dest / f"{n}.ko" for n in (dest / f"{group}.order").read_text().split()]
+            for group in GUEST_MODULES}
 
 
 def _cached_kernels(root: Path) -> list[Path]:
@@ -364,10 +370,11 @@ def _inputs(guestlib: preload.Paths, kern: Kernel) -> tuple[_Tree, dict[str, obj
     tree.add("etc/hosts", b"127.0.0.1\tlocalhost\n::1\tlocalhost\n")
     tree.add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     tree.add("etc/group", b"root:x:0:\n")
-    modules = nic_modules(kern)
-    for ko in modules:
-        tree.add(f"{NIC_MODULE_DIR}/{ko.name}", ko, 0o644)
-    tree.add(f"{NIC_MODULE_DIR}/order", "".join(f"{ko.name[:-3]}\n" for ko in modules).encode())
+    for group, modules in guest_modules(kern).items():
+        for ko in modules:
+            tree.add(f"{MODULE_DIR}/{ko.name}", ko, 0o644)
+        tree.add(f"{MODULE_DIR}/{group}.order",
+                 "".join(f"{ko.name[:-3]}\n" for ko in modules).encode())
     tree.add("etc/nsswitch.conf", b"passwd: files\ngroup: files\nhosts: files\n")
 
     py = python_files()

@@ -31,11 +31,16 @@ echo "@@NK-INIT@@"
 stty -F /dev/ttyS1 raw -echo
 stty -F /dev/ttyS2 raw -echo
 
+# Kernel modules: /usr/lib/netkernel/modules/GROUP.order (adapters/kvm/image.py).
+load() {
+    for m in $(cat /usr/lib/netkernel/modules/$1.order); do
+        insmod /usr/lib/netkernel/modules/$m.ko || echo "insmod $m failed"
+    done
+}
+
 if [ "$NK_NIC" = user ]; then
     nic=failed
-    for m in $(cat /usr/lib/netkernel/nic/order); do
-        insmod /usr/lib/netkernel/nic/$m.ko || echo "insmod $m failed"
-    done
+    load nic
     i=0
     while [ $i -lt 50 ] && [ ! -e /sys/class/net/eth0 ]; do
         sleep 0.1
@@ -50,6 +55,8 @@ if [ "$NK_NIC" = user ]; then
     poweroff -f
 fi
 
+# unix_diag: how the agent tells an app end still open from a closed one (PRE-6).
+load agent
 # The agent: ready byte on fd 3, the hold on fd 4 (EOF once the command is done, PRE-1).
 mkfifo /run/nk-ready /run/nk-hold
 exec 5<>/run/nk-hold
