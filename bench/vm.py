@@ -261,7 +261,8 @@ def report(results: Results, accel: str, args: argparse.Namespace) -> None:
     rows = []
     say("")
     say(f"medians of {args.rounds} round(s), {args.seconds:g} s per test, accel {accel}:")
-    say(f"{'test':<22}{'case':<34}{'rate':>14}{'guest CPU/op':>15}{'nkperf CPU/op':>15}")
+    say(f"{'test':<22}{'case':<34}{'rate':>14}{'(min-max)':>16}{'guest CPU/op':>15}"
+        f"{'nkperf CPU/op':>15}")
     doc: dict[str, Any] = {"accel": accel, "rounds": args.rounds, "seconds": args.seconds,
                            "results": rows, "ratios": {}, "boot_seconds": {},
                            "failures": results.failures}
@@ -274,9 +275,12 @@ def report(results: Results, accel: str, args: argparse.Namespace) -> None:
             prog = results.median(case, mode, "prog_cpu_per_op_us")
             if rate is None or cpu is None or prog is None:
                 continue
+            rates = [x.rate for x in results.of(case, mode)]
             rows.append({"test": mode, "size": size, "case": case, "rate": rate, "unit": unit,
-                         "guest_cpu_us_per_op": cpu, "nkperf_cpu_us_per_op": prog})
-            say(f"{test:<22}{LABELS[case]:<34}{rate:>9.1f} {unit:<4}{cpu:>12.1f} us"
+                         "rates": rates, "guest_cpu_us_per_op": cpu,
+                         "nkperf_cpu_us_per_op": prog})
+            spread = f"({min(rates):.1f}-{max(rates):.1f})"
+            say(f"{test:<22}{LABELS[case]:<34}{rate:>9.1f} {unit:<4}{spread:>16}{cpu:>12.1f} us"
                 f"{prog:>12.1f} us")
         nk, base = results.median("netkernel", mode, "rate"), results.median("virtio", mode,
                                                                              "rate")
