@@ -7,6 +7,9 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
 
 
 def _build_module():  # type: ignore[no-untyped-def]
@@ -27,4 +30,19 @@ class BuildExtAndTools(build_ext):
         _build_module().build_tools(out.resolve())
 
 
-setup(cffi_modules=["fastpath/build.py:ffibuilder"], cmdclass={"build_ext": BuildExtAndTools})
+class BuildPyAndSpec(build_py):
+    """The packages, then spec/*.md as netkernel/spec/: the conformance suite reads the
+    requirements at run time (conformance/requirements.py finds them at ../spec)."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install reads the checkout's spec/
+        dest = Path(self.build_lib) / "netkernel" / "spec"
+        self.mkpath(str(dest))
+        for md in sorted((HERE / "spec").glob("*.md")):
+            self.copy_file(str(md), str(dest / md.name))
+
+
+setup(cffi_modules=["fastpath/build.py:ffibuilder"],
+      cmdclass={"build_ext": BuildExtAndTools, "build_py": BuildPyAndSpec})

@@ -28,13 +28,17 @@ import contextlib
 import itertools
 import json
 import os
+import select
 import shutil
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -642,3 +646,85 @@ def parse_sa(raw: bytes) -> tuple[str, int]:
 def opt(level: int, name: int) -> int:
     """SETSOCKOPT/GETSOCKOPT ``op_data``: the level, and the option name above bit 32."""
     return level | name << 32
+
+
+class HandedAgent:
+    """A GuestLib agent on a device it is handed (spec/vm.md VM-3), as inside a guest.
+
+    ``paths`` is a ``preload`` role's ``paths()`` (``.lib``, ``.agent``). The agent is
+    told an instance that does not exist, so it has no engine.sock and no attach;
+    ``NETKERNEL_DEVICE`` names the device (a file, ``pci``, or empty for the automatic
+    choice). A pipe held open keeps it running while we use it, as ``netkernel run``
+    does (PRE-1); :meth:`release` lets it leave once idle.
+    """
+
+    def __init__(self, paths: Any, device: str, tmp: Path, *,
+                 env: dict[str, str] | None = None, idle_ms: int = 300) -> None:
+        self.paths = paths
+        self.socket = str(tmp / f"agent-{uuid.uuid4().hex[:6]}.sock")
+        self.env = dict(os.environ, NETKERNEL_DEVICE=device, **(env or {}))
+        self.env.pop("NETKERNEL_ROOT", None)
+        self.env["NETKERNEL_INSTANCE"] = f"no-such-{uuid.uuid4().hex[:6]}"
+        rd, wr = os.pipe()
+        hold_r, self.hold_w = os.pipe()
+        self.err = tmp / f"agent-{uuid.uuid4().hex[:6]}.err"
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                [str(paths.agent), "--socket", self.socket, "--ready-fd", str(wr),
+                 "--hold-fd", str(hold_r), "--idle-ms", str(idle_ms), "--name", "guest"],
+                pass_fds=[wr, hold_r], env=self.env, stdin=subprocess.DEVNULL, stderr=err)
+        os.close(wr)
+        os.close(hold_r)
+        ready, _, _ = select.select([rd], [], [], 10)
+        self.ready = bool(ready) and os.read(rd, 1) == b"\x01"
+        os.close(rd)
+        # what a preloaded program of this agent runs with (spec/preload.md)
+        self.prog_env = dict(self.env, LD_PRELOAD=str(paths.lib), NETKERNEL_AGENT=self.socket,
+                             NETKERNEL_PRELOAD=str(paths.lib),
+                             NETKERNEL_AGENT_BIN=str(paths.agent))
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def popen(self, code: str, *args: str) -> subprocess.Popen[str]:
+        """A preloaded Python program of this agent, running ``code``."""
+        return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                                env=self.prog_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def run(self, argv: list[str], timeout: float = 60) -> str:
+        """Run ``argv`` preloaded on this agent; its stdout (AssertionError if it failed)."""
+        proc = subprocess.run(argv, env=self.prog_env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0, f"{argv[0]} exit {proc.returncode}:\n{proc.stderr}" \
+                                     f"\nagent:\n{self.stderr()}"
+        return proc.stdout
+
+    def release(self) -> None:
+        """We are done: the agent may leave once idle (PRE-1)."""
+        if self.hold_w >= 0:
+            os.close(self.hold_w)
+            self.hold_w = -1
+
+    def close(self) -> int | None:
+        """Release, then end the agent (SIGTERM, SIGKILL after 10 s); its exit status."""
+        self.release()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def handed(paths: Any, device: str | Path, tmp: Path, **kw: Any) -> Iterator[HandedAgent]:
+    """A :class:`HandedAgent` that started (AssertionError with its stderr if not)."""
+    agent = HandedAgent(paths, str(device), tmp, **kw)
+    try:
+        assert agent.ready, f"the agent did not start:\n{agent.stderr()}"
+        yield agent
+    finally:
+        agent.close()

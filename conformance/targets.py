@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.metadata
 import os
 import shlex
 import signal
@@ -76,6 +77,8 @@ class Target:
     features: frozenset[str] = frozenset()
     #: Roles the target deliberately does not implement, with the reason the report gives.
     not_applicable: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: The implementation's version, as the certification report states it.
+    version: str | None = None
 
     def role(self, name: str) -> Any:
         try:
@@ -202,7 +205,15 @@ def reference() -> Target:
                              for role, mod in _REFERENCE_MODULES.items() if role != "nsm"}
     roles["coreengine"] = WithProcess(roles["coreengine"], REFERENCE_PROCESSES["coreengine"])
     roles["nsm"] = REFERENCE_PROCESSES["nsm"]
-    return Target("reference", roles, frozenset({"FUTEX_BELLS"}), dict(REFERENCE_NOT_APPLICABLE))
+    return Target("reference", roles, frozenset({"FUTEX_BELLS"}), dict(REFERENCE_NOT_APPLICABLE),
+                  version=_distribution_version())
+
+
+def _distribution_version() -> str | None:
+    try:
+        return importlib.metadata.version("netkernel")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 #: What the reference deliberately leaves to other targets, and why (the report says it).

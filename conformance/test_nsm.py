@@ -442,6 +442,26 @@ def test_connect_and_accept_are_answered_when_done(nsm: Any, raw: Raw, tenant: R
 
 
 @pytest.mark.req("NSM-15")
+def test_each_connection_no_accept_takes_is_announced(nsm: Any, raw: Raw,
+                                                      tenant: RawTenant) -> None:
+    """After a non-blocking ACCEPT took the announced connection, the next one that
+    arrives is announced again: a server that accepts on EV_ACCEPTABLE never stalls."""
+    lst, port = raw.listener()
+    taken = []
+    with contextlib.ExitStack() as stack:
+        for i in range(3):
+            c = stack.enter_context(socket.create_connection((LOOP, port)))
+            ev = tenant.event(of(lst, Op.EV_ACCEPTABLE))
+            assert ev.op_data == 1, f"connection {i}: {ev}"
+            sid = tenant.new_id()
+            assert tenant.do(Op.ACCEPT, lst, sid | ACCEPT_NOWAIT, out=28) == 16
+            assert parse_sa(tenant.last_out) == c.getsockname()
+            taken.append(sid)
+    for sid in (*taken, lst):
+        assert raw.close(sid) == 0
+
+
+@pytest.mark.req("NSM-15")
 def test_stream_data_arrives_in_order_then_fin(nsm: Any, raw: Raw, tenant: RawTenant,
                                                linux_listener: socket.socket) -> None:
     s, peer = raw.connected(linux_listener)
@@ -712,6 +732,7 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE, IP_TRANSPARENT, TCP_CONGESTION, TCP_ULP = 32, 33
     (socket.SOL_IP, IP_TRANSPARENT, struct.pack("i", 1)),
     (socket.IPPROTO_TCP, TCP_CONGESTION, b"reno\0"),
     (socket.IPPROTO_TCP, TCP_ULP, b"tls\0"),
+    (socket.SOL_SOCKET, socket.SO_REUSEPORT, struct.pack("i", 1)),  # joins other tenants
     (0x7777, 1, struct.pack("i", 1)),
 ])
 def test_options_beyond_the_tenants_socket_are_refused(nsm: Any, raw: Raw, tenant: RawTenant,
@@ -842,6 +863,16 @@ def test_replies_echo_the_call_on_the_paired_ring(double: EngineDouble, vm: int)
     assert not extra, f"an answer nobody asked for: {extra}"
 
 
+@pytest.mark.req("NSM-12")
+def test_unmapping_a_tenant_that_is_not_mapped_changes_nothing(double: EngineDouble,
+                                                               vm: int) -> None:
+    stranger = next(_vms)  # never mapped
+    assert double.call(Op.TENANT_UNMAP, 0, 0, stranger, tag=stranger)[1].result == 0
+    assert double.call(Op.SOCKET, vm, 1, DGRAM)[1].result == 0  # the mapped tenant goes on
+    assert double.call(Op.TENANT_UNMAP, 0, 0, vm, tag=vm)[1].result == 0
+    assert double.call(Op.TENANT_UNMAP, 0, 0, vm, tag=vm)[1].result == 0  # again: nothing
+
+
 @pytest.mark.req("NSM-11")
 def test_tenant_map_maps_the_area_and_takes_the_slice(double: EngineDouble) -> None:
     v = next(_vms)
@@ -919,7 +950,9 @@ def test_a_new_connections_events_wait_for_its_reply(double: EngineDouble, vm: i
             uport = parse_sa(bytes(double.tenants[vm].data()[rep.data_ptr:rep.data_ptr + 16]))[1]
             with socket.socket(AF_INET, socket.SOCK_DGRAM) as u:
                 u.sendto(b"last words", (LOOP, uport))
-            time.sleep(0.05)  # the NSM has read the datagram and published EV_DATA
+            # the NSM has read the datagram and published its EV_DATA, still unread
+            wait_until("the NSM publishes the datagram's EV_DATA", lambda: any(
+                len(r) for (_, rid), r in port.inp.items() if rid == dev.RingId.SEND), 5.0)
             close = double.post(Op.CLOSE, vm, 4)
             time.sleep(0.2)
             assert not port.has_reply(*close), "CLOSE answered before the socket's events"

@@ -14,14 +14,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import select
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,15 @@ from typing import Any
 import pytest
 
 from netkernel.conformance.plugin import NOT_APPLICABLE
-from netkernel.conformance.runtime import Control, Instance, Port, Runtime, wait_until
+from netkernel.conformance.runtime import (
+    Control,
+    HandedAgent,
+    Instance,
+    Port,
+    Runtime,
+    handed,
+    wait_until,
+)
 from netkernel.reference import device as dev
 from netkernel.reference import shm
 from netkernel.reference.nqe import NQE, WIRE, Op, pack
@@ -214,64 +220,6 @@ def test_impossible_indices_detach_the_guest_device_alone(
 # -- the preload role: the guest's agent --------------------------------------------------
 
 
-class HandedAgent:
-    """The target's agent on a device it is handed (VM-3): its instance has no engine.sock."""
-
-    def __init__(self, preload: Any, device: str, tmp: Path,
-                 env: dict[str, str] | None = None) -> None:
-        self.paths = preload.paths()
-        self.socket = str(tmp / f"agent-{uuid.uuid4().hex[:6]}.sock")
-        self.env = dict(os.environ, NETKERNEL_DEVICE=device, **(env or {}))
-        self.env.pop("NETKERNEL_ROOT", None)
-        self.env["NETKERNEL_INSTANCE"] = f"no-such-{uuid.uuid4().hex[:6]}"
-        rd, wr = os.pipe()
-        hold_r, self.hold_w = os.pipe()
-        self.err = tmp / f"agent-{uuid.uuid4().hex[:6]}.err"
-        with open(self.err, "wb") as err:
-            self.proc = subprocess.Popen(
-                [str(self.paths.agent), "--socket", self.socket, "--ready-fd", str(wr),
-                 "--hold-fd", str(hold_r), "--idle-ms", "200"],
-                pass_fds=[wr, hold_r], env=self.env, stdin=subprocess.DEVNULL, stderr=err)
-        os.close(wr)
-        os.close(hold_r)
-        ready, _, _ = select.select([rd], [], [], 10)
-        self.ready = bool(ready) and os.read(rd, 1) == b"\x01"
-        os.close(rd)
-        self.prog_env = dict(self.env, LD_PRELOAD=str(self.paths.lib),
-                             NETKERNEL_AGENT=self.socket, NETKERNEL_PRELOAD=str(self.paths.lib),
-                             NETKERNEL_AGENT_BIN=str(self.paths.agent))
-
-    def popen(self, code: str, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
-                                env=self.prog_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-
-    def release(self) -> None:
-        if self.hold_w >= 0:
-            os.close(self.hold_w)
-            self.hold_w = -1
-
-    def close(self) -> None:
-        self.release()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@contextlib.contextmanager
-def handed(preload: Any, device: str | Path, tmp: Path, **kw: Any) -> Iterator[HandedAgent]:
-    a = HandedAgent(preload, str(device), tmp, **kw)
-    try:
-        assert a.ready, a.err.read_text(errors="replace")
-        yield a
-    finally:
-        a.close()
-
-
 @pytest.mark.req("VM-3")
 @pytest.mark.req("VM-2")
 def test_a_handed_device_carries_a_program_without_an_attach(
@@ -302,7 +250,7 @@ def test_a_handed_device_carries_a_program_without_an_attach(
                             ("pci", {"NETKERNEL_PCI_ROOT": str(tmp_path / "pci")})):
             before = set(listed(inst))
             with socket.create_server(("127.0.0.1", 0)) as srv, \
-                    handed(preload, device, tmp_path, env=env) as agent:
+                    handed(preload.paths(), device, tmp_path, env=env) as agent:
                 srv.settimeout(TIMEOUT)
                 prog = agent.popen(code, str(srv.getsockname()[1]), str(len(payload)))
                 try:
@@ -343,7 +291,7 @@ def test_a_detached_header_resets_the_guests_sockets_within_1s(
         srv.settimeout(TIMEOUT)
         g = Guest(inst)
         try:
-            with handed(preload, g.path, tmp_path) as agent:
+            with handed(preload.paths(), g.path, tmp_path) as agent:
                 prog = subprocess.Popen(
                     [sys.executable, "-c", textwrap.dedent(code), str(srv.getsockname()[1])],
                     env=agent.prog_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -370,11 +318,11 @@ def test_a_second_device_side_is_refused(
         preload: Any, nk_runtime: Runtime, tmp_path: Path) -> None:
     inst = nk_runtime.shared()
     with guest(inst) as g:
-        with handed(preload, g.path, tmp_path):
-            second = HandedAgent(preload, str(g.path), tmp_path)
+        with handed(preload.paths(), g.path, tmp_path):
+            second = HandedAgent(preload.paths(), str(g.path), tmp_path)
             try:
                 assert not second.ready and second.proc.wait(10) == 3
             finally:
                 second.close()
-        with handed(preload, g.path, tmp_path) as again:
+        with handed(preload.paths(), g.path, tmp_path) as again:
             assert again.proc.poll() is None

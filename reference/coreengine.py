@@ -437,9 +437,12 @@ class CoreEngine:
         """Sleep on every ENGINE bell at once unless a to-engine ring has work (RING-6)."""
         with self.lock:
             sleepers = [(a, q) for a in self.devices.values() for q in range(a.dmap.geo.n_qsets)]
-            if len(sleepers) > bells.WAITV_MAX:
-                sleepers, timeout = [], min(timeout, BLOCKED_SLEEP)
-            watch = [(a.engine_bells[q], a.engine_bells[q].value()) for a, q in sleepers]
+            # a POLLED device's bell wakes nobody (VM-2), and a guest flipping it must not
+            # keep us awake: its rings are looked at when the bounded sleep ends
+            woken = [(a, q) for a, q in sleepers if not a.polled]
+            if len(woken) > bells.WAITV_MAX:
+                woken, timeout = [], min(timeout, BLOCKED_SLEEP)
+            watch = [(a.engine_bells[q], a.engine_bells[q].value()) for a, q in woken]
             rings = [r for a, q in sleepers for qq, _, r in a.inputs if qq == q]
             try:
                 idle = all([r.prepare_sleep() for r in rings])  # every flag set, re-checked

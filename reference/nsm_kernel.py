@@ -108,7 +108,9 @@ SOL_IPV6: Final = 41
 #: whose effect stays on the tenant's own socket. Options that take pointers or
 #: file descriptors (SO_ATTACH_FILTER, TCP_ZEROCOPY_RECEIVE), load modules
 #: (TCP_ULP, TCP_CONGESTION) or use the NSM's privileges (SO_MARK,
-#: SO_BINDTODEVICE, IP_TRANSPARENT, SO_*BUFFORCE) are refused with -ENOPROTOOPT.
+#: SO_BINDTODEVICE, IP_TRANSPARENT, SO_*BUFFORCE) are refused with -ENOPROTOOPT, and so
+#: is SO_REUSEPORT (15): every NSM socket has the NSM's uid, so a tenant setting it could
+#: join another tenant's listener (NSM-9, NSM-14).
 SOCKOPTS: Final = frozenset(
     [(SOL_SOCKET, o) for o in (
         2,   # SO_REUSEADDR
@@ -122,7 +124,6 @@ SOCKOPTS: Final = frozenset(
         10,  # SO_OOBINLINE
         12,  # SO_PRIORITY (values above 6 need CAP_NET_ADMIN: the kernel checks)
         13,  # SO_LINGER
-        15,  # SO_REUSEPORT
         18,  # SO_RCVLOWAT
         19,  # SO_SNDLOWAT
         20,  # SO_RCVTIMEO (the NSM's socket never blocks; GuestLib keeps the timeout)

@@ -24,14 +24,12 @@ import hashlib
 import http.server
 import os
 import random
-import select
 import shutil
 import struct
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ from typing import Any
 import pytest
 
 from netkernel import run
-from netkernel.conformance.runtime import Port
+from netkernel.conformance.runtime import HandedAgent, Port, handed
 from netkernel.fastpath import preload
 from netkernel.reference import coreengine as rce
 from netkernel.reference import device as dev
@@ -87,80 +85,6 @@ def web(tmp_path: Path) -> Iterator[Web]:
         yield w
     finally:
         w.close()
-
-
-class HandedAgent:
-    """nk-agent on a device it is handed (VM-3): no engine.sock (the instance it is told
-    does not exist), NETKERNEL_DEVICE names the device."""
-
-    def __init__(self, device: str, tmp: Path, *, env: dict[str, str] | None = None,
-                 idle_ms: int = 300) -> None:
-        self.paths = preload.paths()
-        self.socket = str(tmp / f"agent-{uuid.uuid4().hex[:6]}.sock")
-        self.env = dict(os.environ, NETKERNEL_DEVICE=device, **(env or {}))
-        self.env.pop("NETKERNEL_ROOT", None)
-        self.env["NETKERNEL_INSTANCE"] = f"no-such-{uuid.uuid4().hex[:6]}"
-        rd, wr = os.pipe()
-        hold_r, self.hold_w = os.pipe()  # held open while we use it, as `netkernel run` does
-        self.err = tmp / f"agent-{uuid.uuid4().hex[:6]}.err"
-        with open(self.err, "wb") as err:
-            self.proc = subprocess.Popen(
-                [str(self.paths.agent), "--socket", self.socket, "--ready-fd", str(wr),
-                 "--hold-fd", str(hold_r), "--idle-ms", str(idle_ms), "--name", "guest"],
-                pass_fds=[wr, hold_r], env=self.env, stdin=subprocess.DEVNULL, stderr=err)
-        os.close(wr)
-        os.close(hold_r)
-        ready, _, _ = select.select([rd], [], [], 10)
-        self.ready = bool(ready) and os.read(rd, 1) == b"\x01"
-        os.close(rd)
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def preload_env(self) -> dict[str, str]:
-        env = dict(self.env, LD_PRELOAD=str(self.paths.lib))
-        env[preload.SOCKET_ENV] = self.socket
-        env[preload.LIB_ENV] = str(self.paths.lib)
-        env[preload.AGENT_ENV] = str(self.paths.agent)
-        return env
-
-    def run(self, argv: list[str]) -> str:
-        """Run argv preloaded on this agent; its stdout (AssertionError if it failed)."""
-        proc = subprocess.run(argv, env=self.preload_env(), capture_output=True, text=True,
-                              timeout=TIMEOUT)
-        assert proc.returncode == 0, f"{argv[0]} exit {proc.returncode}:\n{proc.stderr}" \
-                                     f"\nagent:\n{self.stderr()}"
-        return proc.stdout
-
-    def fetch(self, url: str) -> str:
-        return self.run([sys.executable, "-c", FETCH, url]).strip()
-
-    def release(self) -> None:
-        """We are done: the agent may leave once idle (PRE-1)."""
-        if self.hold_w >= 0:
-            os.close(self.hold_w)
-            self.hold_w = -1
-
-    def close(self) -> int | None:
-        self.release()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-@contextlib.contextmanager
-def handed(device: str | Path, tmp: Path, **kw: Any) -> Iterator[HandedAgent]:
-    a = HandedAgent(str(device), tmp, **kw)
-    try:
-        assert a.ready, f"the agent did not start:\n{a.stderr()}"
-        yield a
-    finally:
-        a.close()
 
 
 @contextlib.contextmanager
@@ -234,6 +158,11 @@ def test_a_guest_device_is_a_power_of_two_file_with_polled_bells() -> None:
                 conn.close()
 
 
+def fetch(agent: HandedAgent, url: str) -> str:
+    """FETCH run preloaded on ``agent``: the body's sha256 and length."""
+    return agent.run([sys.executable, "-c", FETCH, url], TIMEOUT).strip()
+
+
 # -- VM-3, VM-2: a handed device carries a real program --------------------------------------
 
 
@@ -242,10 +171,10 @@ def test_a_preloaded_program_fetches_over_a_handed_device(tmp_path: Path, web: W
     device the host attached, VM ID = dev_id); VM-2: the device is POLLED, so every NQE
     crosses by bounded sleeps, in both directions; the payload arrives intact."""
     with time_limit(100), own_instance() as name, guest_device(name) as g, \
-            handed(g.path, tmp_path, env={"NK_AGENT_DEBUG": "1"}) as agent:
+            handed(preload.paths(), g.path, tmp_path, env={"NK_AGENT_DEBUG": "1"}) as agent:
         before = rce.request({"cmd": "status"}, name)["loop"]
-        assert agent.fetch(web.url) == web.expect
-        assert agent.fetch(web.url) == web.expect
+        assert fetch(agent, web.url) == web.expect
+        assert fetch(agent, web.url) == web.expect
         listed = tenants(name)
         assert list(listed) == [g.id], f"the agent attached a device of its own: {listed}"
         counters = listed[g.id]["counters"]
@@ -263,9 +192,9 @@ def test_curl_over_a_handed_device(tmp_path: Path, web: Web) -> None:
     curl = shutil.which("curl")
     assert curl is not None
     with time_limit(100), own_instance() as name, guest_device(name) as g, \
-            handed(g.path, tmp_path) as agent:
+            handed(preload.paths(), g.path, tmp_path) as agent:
         proc = subprocess.run([curl, "-sS", "--max-time", "30", web.url], capture_output=True,
-                              env=agent.preload_env(), timeout=TIMEOUT)
+                              env=agent.prog_env, timeout=TIMEOUT)
         assert proc.returncode == 0, proc.stderr
         assert hashlib.sha256(proc.stdout).hexdigest() == hashlib.sha256(web.body).hexdigest()
         assert tenants(name)[g.id]["counters"]["bytes_out"] >= BLOB
@@ -295,12 +224,12 @@ def test_the_pci_mapper_finds_ivshmem_bar2(tmp_path: Path, web: Web) -> None:
     its instance has no engine.sock."""
     with time_limit(100), own_instance() as name, guest_device(name) as g:
         pci = fake_pci(tmp_path, g.path)
-        with handed("pci", tmp_path, env={"NETKERNEL_PCI_ROOT": str(pci),
+        with handed(preload.paths(), "pci", tmp_path, env={"NETKERNEL_PCI_ROOT": str(pci),
                                           "NK_AGENT_DEBUG": "1"}) as agent:
-            assert agent.fetch(web.url) == web.expect
+            assert fetch(agent, web.url) == web.expect
             assert "0000:00:04.0/resource2 (handed, VM-3), polled (VM-2)" in agent.stderr()
-        with handed("", tmp_path, env={"NETKERNEL_PCI_ROOT": str(pci)}) as agent:
-            assert agent.fetch(web.url) == web.expect
+        with handed(preload.paths(), "", tmp_path, env={"NETKERNEL_PCI_ROOT": str(pci)}) as agent:
+            assert fetch(agent, web.url) == web.expect
         assert list(tenants(name)) == [g.id]
 
 
@@ -310,7 +239,7 @@ def test_no_device_exits_3(tmp_path: Path) -> None:
     empty.mkdir()
     for device, env in (("pci", {"NETKERNEL_PCI_ROOT": str(empty)}),
                         (str(tmp_path / "missing.nk"), {})):
-        a = HandedAgent(device, tmp_path, env=env)
+        a = HandedAgent(preload.paths(), device, tmp_path, env=env)
         assert not a.ready
         assert a.proc.wait(10) == 3
         lines = a.stderr().strip().splitlines()
@@ -326,12 +255,12 @@ def test_one_device_side_per_device(tmp_path: Path, web: Web) -> None:
             "print('up', flush=True); time.sleep(60)\n")
     with time_limit(80), own_instance() as name, guest_device(name) as g, \
             socket_server() as srv:
-        with handed(g.path, tmp_path) as first:
-            second = HandedAgent(str(g.path), tmp_path)
+        with handed(preload.paths(), g.path, tmp_path) as first:
+            second = HandedAgent(preload.paths(), str(g.path), tmp_path)
             assert not second.ready and second.proc.wait(10) == 3
             assert "in use by another device side" in second.stderr()
             prog = subprocess.Popen([sys.executable, "-c", code, str(srv.getsockname()[1])],
-                                    env=first.preload_env(), stdout=subprocess.PIPE, text=True)
+                                    env=first.prog_env, stdout=subprocess.PIPE, text=True)
             peer, _ = srv.accept()
             assert prog.stdout is not None and prog.stdout.readline().strip() == "up"
             until("the socket in the table", lambda: tenants(name)[g.id]["sockets"] >= 1)
@@ -340,8 +269,8 @@ def test_one_device_side_per_device(tmp_path: Path, web: Web) -> None:
             prog.kill()
             prog.wait()
             peer.close()
-        with handed(g.path, tmp_path) as again:
-            assert again.fetch(web.url) == web.expect
+        with handed(preload.paths(), g.path, tmp_path) as again:
+            assert fetch(again, web.url) == web.expect
 
 
 def test_the_hosts_detach_resets_the_guests_sockets_within_1s(tmp_path: Path) -> None:
@@ -354,9 +283,10 @@ def test_the_hosts_detach_resets_the_guests_sockets_within_1s(tmp_path: Path) ->
             "try:\n    got = s.recv(10)\nexcept ConnectionResetError:\n    got = b'reset'\n"
             "print(repr(got), time.monotonic() - t, flush=True)\n")
     with time_limit(50), own_instance() as name, socket_server() as srv, \
-            guest_device(name) as g, handed(g.path, tmp_path, idle_ms=100) as agent:
+            guest_device(name) as g, \
+            handed(preload.paths(), g.path, tmp_path, idle_ms=100) as agent:
         prog = subprocess.Popen([sys.executable, "-c", code, str(srv.getsockname()[1])],
-                                env=agent.preload_env(), stdout=subprocess.PIPE,
+                                env=agent.prog_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         peer, _ = srv.accept()
         assert prog.stdout is not None and prog.stdout.readline().strip() == "up"
@@ -487,3 +417,77 @@ def test_bar_size() -> None:
     """VM-1: the file of a guest device is the smallest power of two holding it."""
     assert [shm.bar_size(n) for n in (1, 2, 3, 4096, 4097, 4231168)] == \
         [2, 2, 4, 4096, 8192, 8 << 20]
+
+
+def ce_cpu_seconds(name: str) -> float:
+    pid = int(rce.request({"cmd": "status"}, name)["pid"])
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+FLIP_C = r"""
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+/* flip DEVICE OFFSET SECONDS: add 1 to the u32 at OFFSET as fast as a CPU can, as a
+ * guest's vCPU can write its BAR */
+int main(int argc, char **argv)
+{
+	if (argc != 4)
+		return 2;
+	int fd = open(argv[1], O_RDWR);
+	size_t off = strtoul(argv[2], NULL, 10);
+	double secs = atof(argv[3]);
+	char *m = fd < 0 ? MAP_FAILED : mmap(NULL, off + 4, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (m == MAP_FAILED)
+		return 1;
+	volatile uint32_t *bell = (volatile uint32_t *)(m + off);
+	struct timespec t0, t;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (uint64_t i = 1;; i++) {
+		*bell = *bell + 1;
+		if ((i & 0xFFFF) == 0) {
+			clock_gettime(CLOCK_MONOTONIC, &t);
+			if ((double)(t.tv_sec - t0.tv_sec) + (double)(t.tv_nsec - t0.tv_nsec) / 1e9 > secs)
+				return 0;
+		}
+	}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_a_guest_flipping_its_bell_cannot_keep_the_coreengine_awake(tmp_path: Path) -> None:
+    """VM-2, VM-5: the CoreEngine does not wait on a POLLED device's bell word, so a guest
+    that changes it without end (here a C loop, a vCPU's speed) costs it no more than
+    its bounded polling; were the word in its futex_waitv, every change between its read
+    and the wait would end the sleep at once."""
+    cc = shutil.which("cc")
+    assert cc is not None
+    (tmp_path / "flip.c").write_text(FLIP_C)
+    subprocess.run([cc, "-O2", "-o", str(tmp_path / "flip"), str(tmp_path / "flip.c")],
+                   check=True)
+    with time_limit(60), own_instance() as name, guest_device(name) as g:
+        off = g.dmap.geo.bell_offset(0, dev.Bell.ENGINE)
+        flip = subprocess.Popen([str(tmp_path / "flip"), str(g.path), str(off), "3"])
+        try:
+            time.sleep(0.3)
+            c0, t0 = ce_cpu_seconds(name), time.monotonic()
+            loop0 = rce.request({"cmd": "status"}, name)["loop"]
+            time.sleep(2.0)
+            loop1 = rce.request({"cmd": "status"}, name)["loop"]
+            share = (ce_cpu_seconds(name) - c0) / (time.monotonic() - t0)
+        finally:
+            assert flip.wait(10) == 0
+        sleeps, woken = (loop1.get(k, 0) - loop0.get(k, 0) for k in ("sleeps", "wakeups"))
+        print(f"while the guest flips its bell: {sleeps} sleeps, {woken} ended early,"
+              f" the CoreEngine used {share:.1%} of a core")
+        # its sleeps end by their bound; only our two status requests (the control word)
+        # may end one early
+        assert sleeps > 100 and woken <= 4, (sleeps, woken)
+        port = port_of(g)  # and it still answers
+        port.push_raw(unknown_op(2, 3), dev.RingId.JOB)
+        assert port.wait_reply(2, 3)[1].result == -38

@@ -543,9 +543,10 @@ static void sleep_idle(struct nk_ce *ce, int64_t deadline)
 		until = now_ns() + NK_CE_BLOCKED_SLEEP_NS; /* room in a ring rings no bell */
 	bells[n] = (uint32_t *)&ce->ctl;
 	expect[n++] = ce->ctl_seen;
-	unsigned qsets = 0;
+	unsigned qsets = 0; /* bells to watch: a POLLED device's wake nobody (VM-2), and a
+			     * guest that flips its bell word must not keep us from sleeping */
 	for (uint32_t i = 0; i < ce->n_devices; i++)
-		qsets += ce->order[i]->broken ? 0 : ce->order[i]->n_qsets;
+		qsets += ce->order[i]->broken || ce->order[i]->polled ? 0 : ce->order[i]->n_qsets;
 	int watch = qsets < NK_BELL_WAITV_MAX; /* else a short timed sleep, as the reference */
 	if (!watch && now_ns() + NK_CE_BLOCKED_SLEEP_NS < until)
 		until = now_ns() + NK_CE_BLOCKED_SLEEP_NS;
@@ -560,7 +561,7 @@ static void sleep_idle(struct nk_ce *ce, int64_t deadline)
 	for (uint32_t i = 0; i < ce->n_devices; i++) {
 		struct device *d = ce->order[i];
 		for (uint32_t q = 0; q < d->n_qsets && !d->broken; q++) {
-			if (watch) {
+			if (watch && !d->polled) {
 				/* the bell's value before the rings' re-check (bell.h) */
 				bells[n] = d->qs[q].engine_bell;
 				expect[n++] = nk_bell_value(d->qs[q].engine_bell);

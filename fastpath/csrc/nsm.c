@@ -1366,10 +1366,11 @@ static void nk_nsm_close(struct nk_nsm *n, const struct nk_nsm_call *call,
 }
 
 /* NSM-9: (level, optname) a tenant may set or get: plain values, effects on its own
- * socket only (reference nsm_kernel.SOCKOPTS). */
+ * socket only (reference nsm_kernel.SOCKOPTS). Not SO_REUSEPORT (15): every socket here
+ * has the NSM's uid, so it would let a tenant join another tenant's listener. */
 static bool nk_nsm_sockopt_allowed(uint32_t level, uint32_t name)
 {
-	static const uint8_t sol_socket[] = { 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 15, 18, 19,
+	static const uint8_t sol_socket[] = { 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 18, 19,
 					      20, 21, 30, 38, 39 };
 	static const uint8_t sol_tcp[] = { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 18, 23, 25 };
 	static const uint8_t sol_ip[] = { 1, 2, 10, 14, 15, 24, 32, 33, 34, 35, 36 };
