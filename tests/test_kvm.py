@@ -35,7 +35,7 @@ import pytest
 
 from netkernel import instance
 from netkernel.adapters.kvm import cpio, image, qemu
-from tests.live import own_instance, until
+from tests.live import own_instance, status, until
 
 BOOT_BUDGET = 240  # s for one guest's whole run: boot under TCG on a loaded 2-core machine
 
@@ -582,26 +582,33 @@ assert (data_size, send_size) == (spec['data_size'], spec['send_size'])
 R = 192 + 32 * entries
 ring = {'JOB': q0 + 128, 'COMPLETION': q0 + 128 + R, 'SEND': q0 + 128 + 2 * R,
         'RECEIVE': q0 + 128 + 3 * R}
-u32 = lambda off: struct.unpack_from('<I', m, off)[0]
+# Indices and bells are stored whole, 4 bytes at once, as reference/ring.py does:
+# struct.pack_into zero-fills the field before it writes it, and a CoreEngine reading the
+# zero sees impossible indices and detaches the device (RING-10).
+words = memoryview(m).cast('I')
+u32 = lambda off: words[off // 4]
+def put(off, value):
+    words[off // 4] = value % 2**32
 def push(name, nqe):
     r = ring[name]
     tail, head = u32(r), u32(r + 64)
     assert (tail - head) % 2**32 < entries, 'ring full'
     slot = r + 192 + 32 * (tail % entries)
     m[slot:slot + 32] = nqe
-    struct.pack_into('<I', m, r, (tail + 1) % 2**32)
+    put(r, tail + 1)
     if u32(r + 128) & 1:  # NEED_WAKEUP: ring the ENGINE bell (polled anyway, VM-2)
-        struct.pack_into('<I', m, q0 + 64, (u32(q0 + 64) + 1) % 2**32)
+        put(q0 + 64, u32(q0 + 64) + 1)
 def take(timeout=30.0):
     r = ring['COMPLETION']
     deadline = time.monotonic() + timeout
     while u32(r + 64) == u32(r):
-        assert time.monotonic() < deadline, 'no reply'
+        assert time.monotonic() < deadline, ('no reply', m[25], {
+            k: (u32(v), u32(v + 64), u32(v + 128)) for k, v in ring.items()})
         time.sleep(0.0005)
     head = u32(r + 64)
     slot = r + 192 + 32 * (head % entries)
     got = bytes(m[slot:slot + 32])
-    struct.pack_into('<I', m, r + 64, (head + 1) % 2**32)
+    put(r + 64, head + 1)
     return got
 def fields(nqe):  # op, qset, vm_id, sock_id, op_data, data_ptr, size, tag (NQE-1)
     return struct.unpack('<BBBIqQIH', nqe[:29])
@@ -671,7 +678,8 @@ def test_two_guests_neither_can_name_the_other_s_sockets(guest_image: image.Imag
             a = Guest("--instance", name, "--", "python3", "-c", GUEST_A, json.dumps(spec))
             until("A's forgeries", lambda: a.saw("forged all") or a.proc.poll() is not None,
                   timeout=BOOT_BUDGET, interval=0.2)
-            assert a.saw("forged all"), (a.lines[-4:], a.err[-10:])
+            assert a.saw("forged all"), (a.lines[-1:], a.err[-3:], [
+                f.read_text()[-3000:] for f in Path(status(name)["dir"]).glob("*.log")])
             a_entry = iso.tenant_entry(name, a.proc.pid)
             assert a_entry is not None, a
             a_vm = int(a_entry["id"])
