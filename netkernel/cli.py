@@ -340,7 +340,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
 
     return vm.cli_main(args.cmd, instance=args.instance, nsm=args.nsm, impl=args.impl,
                        memory=args.memory, accel=args.accel, timeout=args.timeout,
-                       compressed=args.vmlinuz, prog=args.prog)
+                       compressed=args.vmlinuz, nic=args.nic, prog=args.prog)
 
 
 def _bench_module() -> Any:
@@ -431,6 +431,10 @@ def _add_instance_commands(commands: argparse._SubParsersAction[argparse.Argumen
                    help="end the guest after S seconds (exit status 124)")
     p.add_argument("--vmlinuz", action="store_true",
                    help="boot the compressed kernel (default: the uncompressed vmlinux)")
+    p.add_argument("--nic", default="none", choices=["none", "user"],
+                   help="'none' (default): no NIC, the NK device only; 'user': the baseline,"
+                        " a virtio-net NIC on QEMU's user-mode network (the host is"
+                        " 10.0.2.2), no NK device, no GuestLib")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                    help="the program and its arguments, run in the guest")
 

@@ -35,7 +35,7 @@ import pytest
 
 from netkernel import instance
 from netkernel.adapters.kvm import cpio, image, qemu
-from tests.live import own_instance, until
+from tests.live import own_instance, status, until
 
 BOOT_BUDGET = 240  # s for one guest's whole run: boot under TCG on a loaded 2-core machine
 
@@ -140,12 +140,41 @@ def test_a_guest_runs_the_command_with_the_guestlib_and_has_no_nic_only_the_nk_d
     lines = done.stdout.splitlines()
     assert lines[0] == "out"
     assert "pci 0x1af4:0x1110" in lines  # the NK device: ivshmem, BAR 2 the device file
+    assert "pci 0x1af4:0x1000" not in lines  # no virtio-net device
     assert "net lo" in lines  # no network device at all (-nic none)
     assert "preload /usr/lib/netkernel/libnkpreload.so" in lines
     assert any(line.startswith("curl ") for line in lines)
     assert "err" in done.stderr.splitlines()
     assert re.search(r"accel (kvm|tcg) \(", done.stderr), done.stderr
     assert re.search(r"booted in \d+\.\d+ s", done.stderr), done.stderr
+
+
+def test_the_nic_user_baseline_guest_has_a_virtio_net_nic_and_no_nk_device(
+        guest_image: image.Image, tmp_path: Path) -> None:
+    """``--nic user`` (bench/vm.py's baseline): the same image with a virtio-net NIC on
+    QEMU's user-mode network, configured as 10.0.2.15/24; no NK device and no GuestLib;
+    a host server on 127.0.0.1 is reached as 10.0.2.2 through the guest's own stack."""
+    blob = os.urandom(200_000)
+    (tmp_path / "blob").write_bytes(blob)
+    script = (
+        "for d in /sys/bus/pci/devices/*; do echo pci $(cat $d/vendor):$(cat $d/device); done;"
+        "echo net $(ls /sys/class/net); ip -4 addr show eth0 | grep -o 'inet [0-9./]*';"
+        "echo preload \"$LD_PRELOAD\";"
+        "python3 -c 'import hashlib, sys, urllib.request;"
+        " print(hashlib.sha256(urllib.request.urlopen(sys.argv[1]).read()).hexdigest())' \"$1\""
+    )
+    with http_server(tmp_path) as port:
+        done = vm("--nic", "user", "--", "sh", "-c", script, "sh",
+                  f"http://10.0.2.2:{port}/blob")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "pci 0x1af4:0x1000" in lines  # virtio-net (legacy/transitional PCI ID)
+    assert "pci 0x1af4:0x1110" not in lines  # no NK device
+    assert "net eth0 lo" in lines
+    assert "inet 10.0.2.15/24" in lines
+    assert "preload " in lines  # the command runs without the GuestLib
+    assert hashlib.sha256(blob).hexdigest() in lines
+    assert "baseline guest (--nic user" in done.stderr
 
 
 # -- guests on NetKernel (spec/vm.md; the guest's agent maps the PCI device, VM-3) ----------
@@ -235,6 +264,46 @@ def test_a_guest_with_no_nic_fetches_a_host_file_through_netkernel(
         # the guest's device was attached for it, with its traffic, and is gone (RT-4)
         assert _vm_tenants(name) == []
         assert "nk-agent did not start" not in done.stderr
+
+
+def test_a_guest_socket_half_closed_by_its_app_still_reads_the_reply(
+        guest_image: image.Image) -> None:
+    """PRE-6 in a guest: the app shuts its write side (SHUT_WR) and reads on. nk-agent
+    tells an app end still open from a closed one with sock_diag; the guest loads
+    ``unix_diag`` for it (without it the kernel answers ENOENT, which reads as "closed":
+    the agent closed such a socket under the app, whose shutdown() then failed ENOENT,
+    found by bench/vm.py's bulk test). Repeated, since it was a race."""
+    rounds = 15
+    with own_instance() as name, socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def serve() -> None:
+            for _ in range(rounds):
+                conn, _ = server.accept()
+                with conn:
+                    h = hashlib.sha256()
+                    while data := conn.recv(65536):
+                        h.update(data)
+                    conn.sendall(h.hexdigest().encode())
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        client = ("import hashlib, os, socket\n"
+                  f"for i in range({rounds}):\n"
+                  "    data = os.urandom(300000)\n"
+                  f"    c = socket.create_connection(('127.0.0.1', {port}))\n"
+                  "    c.sendall(data)\n"
+                  "    c.shutdown(socket.SHUT_WR)\n"
+                  "    got = b''\n"
+                  "    while chunk := c.recv(100):\n"
+                  "        got += chunk\n"
+                  "    c.close()\n"
+                  "    print(got.decode() == hashlib.sha256(data).hexdigest(), flush=True)\n")
+        done = vm("--instance", name, "--", "sh", "-c",
+                  "grep -o '^unix_diag' /proc/modules; exec python3 -c \"$1\"", "sh", client)
+        thread.join(timeout=10)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["unix_diag"] + ["True"] * rounds, done.stderr
 
 
 def test_a_server_in_a_guest_is_reached_by_a_host_client_under_netkernel_run(
@@ -436,3 +505,209 @@ def test_a_hostile_guest_harms_neither_the_host_nor_another_tenant(
             if other.poll() is None:
                 other.kill()
                 other.wait()
+
+
+# -- two guests: neither can name the other's sockets (issue 8; SEC-1, SEC-2, SEC-6) -------
+
+#: Guest B: a listener, a client and the accepted end in one python3 (the shape of
+#: tests/test_isolation.py's tenant B), echoing random messages as fast as it can; a
+#: progress line every 0.2 s. Its agent gives each new socket the lowest free ID
+#: (fastpath/csrc/agent/sock.c), so B's sockets are 1 (listener), 2 (client), 3 (accepted).
+GUEST_B = r"""
+import json, random, socket, threading, time
+lst = socket.create_server(('127.0.0.1', 0))
+c = socket.create_connection(lst.getsockname(), timeout=10)
+s, _ = lst.accept()
+stats = {'rounds': 0, 'errors': []}
+def serve():
+    try:
+        while data := s.recv(65536):
+            s.sendall(data)
+    except OSError as exc:
+        stats['errors'].append('server: ' + repr(exc))
+def drive():
+    rng = random.Random(7)
+    try:
+        while True:
+            msg = rng.randbytes(rng.randrange(1, 3000))
+            c.sendall(msg)
+            got = b''
+            while len(got) < len(msg):
+                chunk = c.recv(65536)
+                if not chunk:
+                    raise EOFError('EOF on the echo connection')
+                got += chunk
+            if got != msg:
+                raise ValueError('echo mismatch')
+            stats['rounds'] += 1
+    except Exception as exc:
+        stats['errors'].append('client: ' + repr(exc))
+threading.Thread(target=serve, daemon=True).start()
+threading.Thread(target=drive, daemon=True).start()
+while True:
+    print('stats', json.dumps(stats), flush=True)
+    time.sleep(0.2)
+"""
+
+#: Guest A: stops its own nk-agent (it has no socket) and becomes the device side of its
+#: NK device itself (VM-6: it takes the flock the agent held), then writes raw NQEs into
+#: queue set 0 of its BAR 2 as tests/test_isolation.py's tenant A does on a host: its own
+#: socket OWN, bound; then each forgery (argv[1], JSON: hex NQE and ring), each followed
+#: by a GETSOCKNAME of OWN as a sentinel; every answer before the sentinel's is printed.
+GUEST_A = r"""
+import fcntl, glob, json, mmap, os, signal, struct, sys, time
+spec = json.loads(sys.argv[1])
+agents = [int(p) for p in os.listdir('/proc') if p.isdigit()
+          and open(f'/proc/{p}/comm').read().strip() == 'nk-agent']
+for pid in agents:
+    os.kill(pid, signal.SIGTERM)
+def gone(pid):
+    try:
+        return open(f'/proc/{pid}/stat').read().rpartition(')')[2].split()[0] in 'ZX'
+    except OSError:
+        return True
+while not all(gone(p) for p in agents):
+    time.sleep(0.05)
+dev = next(d for d in glob.glob('/sys/bus/pci/devices/*')
+           if open(d + '/vendor').read().strip() == '0x1af4'
+           and open(d + '/device').read().strip() == '0x1110')
+f = open(dev + '/resource2', 'r+b')
+fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+m = mmap.mmap(f.fileno(), 0)
+entries, = struct.unpack_from('<I', m, 28)
+q0, = struct.unpack_from('<Q', m, 32)
+data, data_size, send_size = struct.unpack_from('<QQQ', m, 48)
+my_id, = struct.unpack_from('<I', m, 80)
+assert (data_size, send_size) == (spec['data_size'], spec['send_size'])
+R = 192 + 32 * entries
+ring = {'JOB': q0 + 128, 'COMPLETION': q0 + 128 + R, 'SEND': q0 + 128 + 2 * R,
+        'RECEIVE': q0 + 128 + 3 * R}
+# Indices and bells are stored whole, 4 bytes at once, as reference/ring.py does:
+# struct.pack_into zero-fills the field before it writes it, and a CoreEngine reading the
+# zero sees impossible indices and detaches the device (RING-10).
+words = memoryview(m).cast('I')
+u32 = lambda off: words[off // 4]
+def put(off, value):
+    words[off // 4] = value % 2**32
+def push(name, nqe):
+    r = ring[name]
+    tail, head = u32(r), u32(r + 64)
+    assert (tail - head) % 2**32 < entries, 'ring full'
+    slot = r + 192 + 32 * (tail % entries)
+    m[slot:slot + 32] = nqe
+    put(r, tail + 1)
+    if u32(r + 128) & 1:  # NEED_WAKEUP: ring the ENGINE bell (polled anyway, VM-2)
+        put(q0 + 64, u32(q0 + 64) + 1)
+def take(timeout=30.0):
+    r = ring['COMPLETION']
+    deadline = time.monotonic() + timeout
+    while u32(r + 64) == u32(r):
+        assert time.monotonic() < deadline, ('no reply', m[25], {
+            k: (u32(v), u32(v + 64), u32(v + 128)) for k, v in ring.items()})
+        time.sleep(0.0005)
+    head = u32(r + 64)
+    slot = r + 192 + 32 * (head % entries)
+    got = bytes(m[slot:slot + 32])
+    put(r + 64, head + 1)
+    return got
+def fields(nqe):  # op, qset, vm_id, sock_id, op_data, data_ptr, size, tag (NQE-1)
+    return struct.unpack('<BBBIqQIH', nqe[:29])
+print('device', my_id, flush=True)
+for name, nqe, blob in spec['setup']:
+    if blob:
+        m[data:data + len(blob) // 2] = bytes.fromhex(blob)
+    push(name, bytes.fromhex(nqe))
+    print('setup', json.dumps(fields(take())), flush=True)
+for what, name, nqe in spec['forgeries']:
+    push(name, bytes.fromhex(nqe))
+    push('JOB', bytes.fromhex(spec['sentinel']))
+    got = [take()]
+    while fields(got[-1])[7] != spec['sentinel_tag'] or fields(got[-1])[0] != spec['sentinel_op']:
+        got.append(take())
+    print('forgery', json.dumps({'what': what, 'answers': [g.hex() for g in got[:-1]],
+                                 'sentinel': fields(got[-1])[4]}), flush=True)
+print('forged all', flush=True)
+time.sleep(600)
+"""
+
+
+def test_two_guests_neither_can_name_the_other_s_sockets(guest_image: image.Image) -> None:
+    """Issue 8, "two guests at once ... neither can name the other's sockets": guest A,
+    from inside its VM, writes into its BAR the forgeries of tests/test_isolation.py
+    (guest B's socket IDs, B's VM ID on the wire, buffers outside A's data area, injected
+    events, forged replies, TENANT_MAP); each gets exactly SEC-6's answer, stamped with
+    A's own VM ID, and is counted in A's ``rejected`` (CE-23); B's echo never fails and
+    its sockets and counters do not move."""
+    from netkernel.reference import device as dev
+    from netkernel.reference import nqe as nq
+    from netkernel.reference.nqe import REPLY_BIT, Op
+    from tests import test_isolation as iso
+
+    with own_instance() as name:
+        b = Guest("--instance", name, "--", "python3", "-c", GUEST_B)
+        a: Guest | None = None
+        try:
+            def b_rounds() -> int:
+                got = b.saw("stats ")
+                doc = json.loads(got[-1].split(" ", 1)[1]) if got else {"rounds": 0}
+                assert doc.get("errors", []) == [], doc
+                return int(doc["rounds"])
+
+            until("B's echo to run", lambda: b_rounds() > 10 or b.proc.poll() is not None,
+                  timeout=BOOT_BUDGET, interval=0.2)
+            b_entry = iso.tenant_entry(name, b.proc.pid)
+            assert b_entry is not None and b_entry["sockets"] == 3, b_entry
+            b_vm = int(b_entry["id"])
+            geo = dev.read_header(memoryview(Path(b_entry["path"]).read_bytes()))
+            # a_vm=0: only TENANT_MAP's vm_id takes it, and the CoreEngine stamps it anyway
+            forged = iso.forgeries(b_vm, [1, 2, 3], geo, 0)
+            spec = {
+                "data_size": geo.data_size, "send_size": geo.send_size,
+                "setup": [
+                    ["JOB", iso.raw(Op.SOCKET, iso.OWN, tag=1,
+                                    op_data=socket.AF_INET | socket.SOCK_STREAM << 16).hex(),
+                     ""],
+                    ["JOB", iso.raw(Op.BIND, iso.OWN, data_ptr=0, size=16, tag=2).hex(),
+                     nq.pack_sockaddr(nq.Sockaddr(socket.AF_INET, "127.0.0.1", 0)).hex()]],
+                "forgeries": [[f.what, f.ring.name, f.nqe.hex()] for f in forged],
+                "sentinel": iso.raw(Op.GETSOCKNAME, iso.OWN, data_ptr=2 * iso.GRANULE,
+                                    size=28, tag=iso.SENTINEL_TAG).hex(),
+                "sentinel_tag": iso.SENTINEL_TAG, "sentinel_op": Op.GETSOCKNAME | REPLY_BIT,
+            }
+            rounds_before = b_rounds()
+            a = Guest("--instance", name, "--", "python3", "-c", GUEST_A, json.dumps(spec))
+            until("A's forgeries", lambda: a.saw("forged all") or a.proc.poll() is not None,
+                  timeout=BOOT_BUDGET, interval=0.2)
+            assert a.saw("forged all"), (a.lines[-1:], a.err[-3:], [
+                f.read_text()[-3000:] for f in Path(status(name)["dir"]).glob("*.log")])
+            a_entry = iso.tenant_entry(name, a.proc.pid)
+            assert a_entry is not None, a
+            a_vm = int(a_entry["id"])
+            assert a_vm != b_vm and a.saw("device")[0].split()[1] == str(a_vm)
+            # A's own socket and bind worked: A is a working device side of its own device
+            assert [json.loads(line.split(" ", 1)[1])[4] for line in a.saw("setup ")] == [0, 0]
+            results = [json.loads(line.split(" ", 1)[1]) for line in a.saw("forgery ")]
+            assert [r["what"] for r in results] == [f.what for f in forged]
+            for f, r in zip(forged, results, strict=True):
+                assert r["sentinel"] == 16, f.what  # A's own socket still works (SEC-8)
+                answers = [nq.unpack_unchecked(bytes.fromhex(h)) for h in r["answers"]]
+                sent = nq.unpack_unchecked(f.nqe)
+                if f.reply_op is None:
+                    assert answers == [], f.what
+                    continue
+                (got,) = answers
+                assert (got.op, got.result) == (f.reply_op, -f.errno), f.what
+                assert (got.sock_id, got.tag, got.data_ptr, got.size) == (
+                    sent.sock_id, sent.tag, sent.data_ptr, sent.size), f.what
+                assert (got.vm_id, got.qset, got.reserved) == (a_vm, 0, b"\0\0\0"), f.what
+            assert a_entry["counters"]["rejected"] == len(forged)  # each counted once
+            # B went on the whole time and goes on: no error, its sockets untouched
+            until("B's echo to go on", lambda: b_rounds() > rounds_before + 10)
+            b_after = iso.tenant_entry(name, b.proc.pid)
+            assert b_after is not None and b_after["sockets"] == 3
+            assert b_after["counters"]["rejected"] == 0
+            assert b.proc.poll() is None and a.proc.poll() is None
+        finally:
+            if a is not None:
+                a.stop()
+            b.stop()

@@ -29,11 +29,12 @@ import io
 import json
 import lzma
 import os
+import re
 import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -60,10 +61,20 @@ PYTHON_MODULES: Final = (
     "encodings.ascii", "encodings.utf_8_sig", "mmap", "glob",
 )
 GUESTLIB_DIR: Final = "/usr/lib/netkernel"
+#: Kernel modules of the guest, by what ``/init`` loads them for (busybox ``insmod``, in
+#: the order of ``<group>.order``), taken from the kernel package with what they depend
+#: on. ``agent``: always, before nk-agent: ``unix_diag``, the AF_UNIX handler of
+#: sock_diag, with which the agent tells an app end still open from a closed one (PRE-6;
+#: without it the kernel answers ENOENT, which reads as "closed", and a socket whose app
+#: shut its write side is closed under it). ``nic``: only for ``netkernel vm --nic user``
+#: (the baseline), a virtio-net PCI NIC (Debian builds virtio, virtio_pci and virtio_net
+#: as modules): the default guest has no NIC.
+GUEST_MODULES: Final = {"agent": ("unix_diag",), "nic": ("virtio_pci", "virtio_net")}
+MODULE_DIR: Final = "usr/lib/netkernel/modules"
 #: Who the files belong to and where they go: merged /usr, as on Debian 12.
 _MERGED: Final = (("bin", "usr/bin"), ("sbin", "usr/bin"), ("lib", "usr/lib"),
                   ("lib64", "usr/lib64"))
-_BUILDER_VERSION: Final = 1
+_BUILDER_VERSION: Final = 2
 
 
 class ImageError(RuntimeError):
@@ -150,6 +161,66 @@ def kernel_package() -> str:
         if key == "Depends:" and word.startswith("linux-image-") and word.endswith("-amd64"):
             return word
     raise Unavailable(f"apt-cache names no kernel for {KERNEL_META} (run `apt-get update`)")
+
+
+def module_depends(ko: bytes) -> list[str]:
+    """The modules a ``.ko`` depends on: its ``.modinfo`` section's ``depends=`` string
+    (what ``modinfo -F depends`` prints; kmod need not be installed here)."""
+    m = re.search(rb"\0depends=([^\0]*)\0", ko)
+    names = m.group(1).decode() if m else ""
+    return [n.replace("-", "_") for n in names.split(",") if n]
+
+
+def _module_order(tree: Path, wanted: Sequence[str]) -> list[Path]:
+    """The ``.ko`` files of ``wanted`` and their dependencies under ``tree``, each after
+    what it depends on (busybox ``insmod`` resolves nothing itself)."""
+    found = {p.name[:-3].replace("-", "_"): p for p in tree.rglob("*.ko")}
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        if name not in found:
+            raise ImageError(f"the kernel package holds no module {name}.ko")
+        for dep in module_depends(found[name].read_bytes()):
+            visit(dep)
+        order.append(found[name])
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def guest_modules(kern: Kernel) -> dict[str, list[Path]]:
+    """Per group of :data:`GUEST_MODULES`, its modules and their dependencies in load
+    order, unpacked from the kernel package next to its ``vmlinux``. A kernel cached
+    before they were needed has them fetched now, from the same package version."""
+    key = hashlib.sha256(json.dumps(GUEST_MODULES, sort_keys=True).encode()).hexdigest()[:8]
+    dest = kern.vmlinux.parent / f"modules-{key}"
+    if not all((dest / f"{group}.order").is_file() for group in GUEST_MODULES):
+        with tempfile.TemporaryDirectory(dir=kern.vmlinux.parent) as tmp:
+            _run(["apt-get", "download", "-o", "APT::Sandbox::User=root",
+                  f"{kern.package}={kern.version}"], cwd=tmp, error=Unavailable)
+            debs = list(Path(tmp).glob(f"{kern.package}_*.deb"))
+            if not debs:
+                raise ImageError(f"apt-get download {kern.package} left no .deb")
+            unpacked = Path(tmp) / "x"
+            _run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)])
+            staged = Path(tmp) / "modules"
+            staged.mkdir()
+            for group, wanted in GUEST_MODULES.items():
+                names = []
+                for ko in _module_order(unpacked / "lib" / "modules", wanted):
+                    shutil.copyfile(ko, staged / ko.name)
+                    names.append(ko.name[:-3])
+                (staged / f"{group}.order").write_text("".join(f"{n}\n" for n in names))
+            shutil.rmtree(dest, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another process unpacked them first
+                os.rename(staged, dest)
+    return {group: [dest / f"{n}.ko" for n in (dest / f"{group}.order").read_text().split()]
+            for group in GUEST_MODULES}
 
 
 def _cached_kernels(root: Path) -> list[Path]:
@@ -282,7 +353,7 @@ def _guest_path(host: Path) -> str:
     return str(host.parent.resolve() / host.name).lstrip("/")
 
 
-def _inputs(guestlib: preload.Paths) -> tuple[_Tree, dict[str, object]]:
+def _inputs(guestlib: preload.Paths, kern: Kernel) -> tuple[_Tree, dict[str, object]]:
     tree = _Tree()
     for link, target in _MERGED:
         tree.links[link] = target
@@ -299,6 +370,11 @@ def _inputs(guestlib: preload.Paths) -> tuple[_Tree, dict[str, object]]:
     tree.add("etc/hosts", b"127.0.0.1\tlocalhost\n::1\tlocalhost\n")
     tree.add("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     tree.add("etc/group", b"root:x:0:\n")
+    for group, modules in guest_modules(kern).items():
+        for ko in modules:
+            tree.add(f"{MODULE_DIR}/{ko.name}", ko, 0o644)
+        tree.add(f"{MODULE_DIR}/{group}.order",
+                 "".join(f"{ko.name[:-3]}\n" for ko in modules).encode())
     tree.add("etc/nsswitch.conf", b"passwd: files\ngroup: files\nhosts: files\n")
 
     py = python_files()
@@ -359,7 +435,7 @@ def build(guestlib: preload.Paths | None = None, root: Path | None = None) -> Im
     """The image for this host's packages and GuestLib, from the cache or built now."""
     root = root or cache_dir()
     kern = kernel(root)
-    tree, info = _inputs(guestlib or preload.paths())
+    tree, info = _inputs(guestlib or preload.paths(), kern)
     key = _signature(tree, kern)
     images = root / "images"
     dest = images / key
@@ -399,16 +475,27 @@ def _prune(images: Path, keep: str, count: int = 3) -> None:
 # -- a run's own archive -------------------------------------------------------------------
 
 
-def run_archive(cmd: Sequence[str], name: str) -> bytes:
+def run_archive(cmd: Sequence[str], name: str, *, nic: str = "none",
+                files: Mapping[str, bytes] | None = None) -> bytes:
     """The archive appended to the image for one run: ``/nk/cmd.sh``, which ``/init``
-    sources (the command as positional parameters, quoted for sh)."""
+    sources (the command as positional parameters, quoted for sh; ``NK_NIC``, the
+    guest's network device: ``none``, or ``user`` for the baseline's virtio-net NIC), and
+    ``files``: guest path -> bytes, executable (a program under test, say)."""
     import shlex
 
     script = (f"NK_NAME={shlex.quote(name)}\n"
+              f"NK_NIC={shlex.quote(nic)}\n"
               f"set -- {' '.join(shlex.quote(a) for a in cmd)}\n")
     out = io.BytesIO()
     w = cpio.Writer(out)
-    w.directory("nk")
+    dirs = {"nk"}
+    for path in files or {}:
+        parts = path.strip("/").split("/")[:-1]
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for d in sorted(dirs):
+        w.directory(d)
     w.file("nk/cmd.sh", script.encode())
+    for path, data in sorted((files or {}).items()):
+        w.file(path.strip("/"), data, 0o755)
     w.close()
     return out.getvalue()

@@ -4,12 +4,17 @@
 # The guest has no network device. It runs one command with the GuestLib: nk-agent maps
 # the NK device (PCI 1af4:1110, BAR 2, NETKERNEL_DEVICE=pci) and libnkpreload.so is
 # preloaded into the command, as `netkernel run` does on a host. The run's own archive
-# holds /nk/cmd.sh (the command as `set -- ARGS`, and NK_NAME); this script reports on the
-# console (ttyS0), one marker a line, the host reading them (adapters/kvm/qemu.py):
+# holds /nk/cmd.sh (the command as `set -- ARGS`, NK_NAME, and NK_NIC). With NK_NIC=user
+# (`netkernel vm --nic user`, the benchmark's baseline) the guest instead has a virtio-net
+# NIC on QEMU's user-mode network: its modules are loaded, eth0 gets 10.0.2.15/24 (the
+# host is 10.0.2.2), and the command runs on the guest's own kernel stack, without the
+# GuestLib. This script reports on the console (ttyS0), one marker a line, the host
+# reading them (adapters/kvm/qemu.py):
 #   @@NK-INIT@@            init has started (the host's boot time ends here)
 #   @@NK-AGENT ok@@        nk-agent has mapped the device and listens
 #   @@NK-AGENT failed@@    it has not (its message is on the console before it); the
 #                          command still runs, its sockets failing with ENETDOWN
+#   @@NK-NIC ok|failed@@   (NK_NIC=user) eth0 is configured, or not
 #   @@NK-EXIT <status>@@   the command's exit status (128+N for signal N)
 # The command's stdout is ttyS1, its stderr ttyS2, both raw. Then the guest powers off.
 export PATH=/usr/bin HOME=/root LANG=C.UTF-8 TERM=dumb PYTHONDONTWRITEBYTECODE=1
@@ -26,6 +31,32 @@ echo "@@NK-INIT@@"
 stty -F /dev/ttyS1 raw -echo
 stty -F /dev/ttyS2 raw -echo
 
+# Kernel modules: /usr/lib/netkernel/modules/GROUP.order (adapters/kvm/image.py).
+load() {
+    for m in $(cat /usr/lib/netkernel/modules/$1.order); do
+        insmod /usr/lib/netkernel/modules/$m.ko || echo "insmod $m failed"
+    done
+}
+
+if [ "$NK_NIC" = user ]; then
+    nic=failed
+    load nic
+    i=0
+    while [ $i -lt 50 ] && [ ! -e /sys/class/net/eth0 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    ip link set lo up && ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 &&
+        ip route add default via 10.0.2.2 && nic=ok
+    echo "@@NK-NIC $nic@@"
+    cd /root
+    "$@" </dev/null >/dev/ttyS1 2>/dev/ttyS2
+    echo "@@NK-EXIT $?@@"
+    poweroff -f
+fi
+
+# unix_diag: how the agent tells an app end still open from a closed one (PRE-6).
+load agent
 # The agent: ready byte on fd 3, the hold on fd 4 (EOF once the command is done, PRE-1).
 mkfifo /run/nk-ready /run/nk-hold
 exec 5<>/run/nk-hold

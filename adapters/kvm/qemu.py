@@ -1,7 +1,8 @@
 """QEMU for a NetKernel guest: its command line, the boot, the console protocol, the probe.
 
 A guest (:class:`Guest`) is ``qemu-system-x86_64`` with no network device (``-nic none``,
-``-nodefaults``), the image's kernel and initramfs plus the run's own archive
+``-nodefaults``; or, for the benchmark's baseline, ``nic="user"``: a virtio-net NIC on
+QEMU's user-mode network, :data:`NICS`), the image's kernel and initramfs plus the run's own archive
 (:func:`netkernel.adapters.kvm.image.run_archive`), and the NK device as an
 ``ivshmem-plain`` PCI device over a ``memory-backend-file`` (``share=on``) on the device
 file: the guest's BAR 2 is the file's pages, the same the CoreEngine maps. ivshmem wants a
@@ -33,7 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -49,7 +50,11 @@ PROBE_TIMEOUT: Final = 20.0
 CMDLINE: Final = ("console=ttyS0 quiet panic=-1 rdinit=/init mitigations=off nokaslr "
                   "i8042.noaux i8042.nokbd i8042.nopnp tsc=reliable")
 MARK_INIT: Final = "@@NK-INIT@@"
-_MARK: Final = re.compile(r"@@NK-(INIT|AGENT|EXIT)(?: ([^@]*))?@@")
+_MARK: Final = re.compile(r"@@NK-(INIT|AGENT|NIC|EXIT)(?: ([^@]*))?@@")
+#: ``nic`` -> QEMU's ``-nic``: none (NetKernel's guest), or a virtio-net PCI NIC on QEMU's
+#: user-mode network (the baseline: the guest is 10.0.2.15, the host's loopback 10.0.2.2;
+#: QEMU's own network stack, nothing configured on the host).
+NICS: Final = {"none": "none", "user": "user,model=virtio-net-pci"}
 _KVM_FAILURES: Final = ("KVM internal error", "emulation failure", "kvm run failed",
                         "KVM_SET_MSRS", "failed to initialize kvm", "Could not access KVM")
 _PR_SET_PDEATHSIG: Final = 1
@@ -97,6 +102,7 @@ class Result:
     qemu_stderr: str
     accel: str
     seconds: float
+    nic_ok: bool | None = None  # nic="user": eth0 configured in the guest
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -131,9 +137,12 @@ class Guest:
                  stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
                  on_console: Callable[[str], None] | None = None,
                  on_boot: Callable[[float, float | None], None] | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), nic: str = "none",
+                 files: Mapping[str, bytes] | None = None) -> None:
         if accel not in ("kvm", "tcg"):
             raise ValueError(f"accel must be kvm or tcg, got {accel!r}")
+        if nic not in NICS:
+            raise ValueError(f"nic must be one of {tuple(NICS)}, got {nic!r}")
         self.accel = accel
         self._sinks = (stdout, stderr)
         self._on_console = on_console
@@ -142,6 +151,7 @@ class Guest:
         self._qemu_err = b""
         self.status: int | None = None
         self.agent_ok: bool | None = None
+        self.nic_ok: bool | None = None
         self.boot_seconds: float | None = None
         self.boot_cpu_seconds: float | None = None
         self._booted = threading.Event()
@@ -149,12 +159,12 @@ class Guest:
         initrd = Path(self._tmp.name) / "initrd.cpio"
         with open(initrd, "wb") as out, open(image.initramfs, "rb") as base:
             shutil.copyfileobj(base, out, 1 << 20)
-            out.write(img.run_archive(cmd, name))
+            out.write(img.run_archive(cmd, name, nic=nic, files=files))
         pipes = [os.pipe() for _ in range(3)]
         argv = [qemu_binary(), "-name", name, "-nodefaults", "-no-user-config",
                 "-display", "none", "-monitor", "none", "-no-reboot",
                 "-machine", "pc", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
-                "-m", memory, "-smp", "1", "-nic", "none",
+                "-m", memory, "-smp", "1", "-nic", NICS[nic],
                 "-kernel", str(image.kernel_file(uncompressed)), "-initrd", str(initrd),
                 "-append", CMDLINE]
         for i, (_r, w) in enumerate(pipes):
@@ -213,6 +223,8 @@ class Guest:
                 self._on_boot(self.boot_seconds, self.boot_cpu_seconds)
         elif what == "AGENT":
             self.agent_ok = arg == "ok"
+        elif what == "NIC":
+            self.nic_ok = arg == "ok"
         elif what == "EXIT" and arg is not None and arg.strip().isdigit():
             self.status = int(arg)
 
@@ -262,7 +274,7 @@ class Guest:
                       boot_cpu_seconds=self.boot_cpu_seconds,
                       agent_ok=self.agent_ok, console="\n".join(self._console),
                       qemu_stderr=self._qemu_err.decode(errors="replace"), accel=self.accel,
-                      seconds=time.monotonic() - self.started)
+                      seconds=time.monotonic() - self.started, nic_ok=self.nic_ok)
 
 
 def run(image: img.Image, cmd: Sequence[str], *, accel: str = "tcg",

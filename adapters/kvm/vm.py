@@ -17,6 +17,10 @@ The host side of a guest's life (docs/kvm.md):
    ivshmem BAR, CMD run by ``/init`` with the GuestLib, CMD's stdout and stderr relayed
    here as they come, the boot time (QEMU's start to init's first marker) said on stderr;
 5. the exit status is CMD's in the guest.
+
+With ``nic="user"`` (``--nic user``, the benchmark's baseline, bench/vm.py) steps 2 and 3
+are skipped: the same image boots with a virtio-net NIC on QEMU's user-mode network
+instead of an NK device, and CMD runs on the guest's own kernel stack.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from netkernel import instance as inst
 from netkernel import run as host_run
@@ -91,8 +95,20 @@ def _watch_engine(device: coreengine.Attachment, done: threading.Event,
 def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = inst.DEFAULT_NSM,
         impl: str = inst.DEFAULT_IMPL, memory: str = qemu.DEFAULT_MEMORY,
         accel: str = "auto", timeout: float | None = None, uncompressed: bool = True,
-        prog: str = "netkernel vm") -> int:
-    """Run ``cmd`` in a guest over NetKernel; its exit status. VMError when it cannot."""
+        prog: str = "netkernel vm", nic: str = "none",
+        files: Mapping[str, bytes] | None = None, stdout: BinaryIO | None = None,
+        stderr: BinaryIO | None = None,
+        on_result: Callable[[qemu.Result], None] | None = None) -> int:
+    """Run ``cmd`` in a guest over NetKernel; its exit status. VMError when it cannot.
+
+    ``nic="user"``: the baseline guest (no instance, no device, a virtio-net NIC);
+    ``files``: guest path -> bytes added for this run (a program under test);
+    ``stdout``/``stderr``: where CMD's output goes (default this process's);
+    ``on_result``: called with QEMU's :class:`~netkernel.adapters.kvm.qemu.Result`."""
+    if nic not in qemu.NICS:
+        raise VMError(f"--nic must be one of {', '.join(qemu.NICS)}, got {nic!r}")
+    out = stdout if stdout is not None else sys.stdout.buffer
+    err = stderr if stderr is not None else sys.stderr.buffer
     if not cmd:
         raise VMError("no command given (usage: netkernel vm [options] -- CMD [ARGS...])")
     try:
@@ -108,6 +124,10 @@ def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = inst.DEFA
     label = f"vm:{Path(cmd[0]).name}"[:64]
     told: list[int] = []
     guests: list[qemu.Guest] = []
+    if nic != "none":
+        return _run_baseline(cmd, image, chosen, why, memory=memory, timeout=timeout,
+                             uncompressed=uncompressed, prog=prog, nic=nic, files=files,
+                             stdout=out, stderr=err, on_result=on_result)
     with _stop_on_signals(guests, told), host_run._instance(instance, nsm, impl) as (name, _):
         try:
             device = coreengine.attach("tenant", label, name, guest=True)
@@ -129,8 +149,8 @@ def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = inst.DEFA
                 return 128 + told[0]
             guest = qemu.Guest(image, cmd, accel=chosen, device=device.path, memory=memory,
                                name=f"netkernel-vm-{device.id}", uncompressed=uncompressed,
-                               stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
-                               on_console=console, on_boot=booted)
+                               stdout=out, stderr=err, on_console=console, on_boot=booted,
+                               files=files)
             guests.append(guest)
             ended = threading.Event()
             watcher = threading.Thread(target=_watch_engine, args=(device, ended, prog),
@@ -142,6 +162,12 @@ def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = inst.DEFA
                 ended.set()
                 watcher.join()
         # the device is detached here (RT-4): its control connection is closed
+    if on_result is not None:
+        on_result(result)
+    return _status(result, told, timeout, prog)
+
+
+def _status(result: qemu.Result, told: list[int], timeout: float | None, prog: str) -> int:
     if result.agent_ok is False:
         _say(prog, "warning: nk-agent did not start in the guest; the command's sockets"
                    " failed (ENETDOWN)")
@@ -158,15 +184,45 @@ def run(cmd: Sequence[str], *, instance: str | None = None, nsm: str = inst.DEFA
                   f"{': ' + err if err else ''}; console:\n{tail}")
 
 
+def _run_baseline(cmd: Sequence[str], image: img.Image, chosen: str, why: str, *,
+                  memory: str, timeout: float | None, uncompressed: bool, prog: str,
+                  nic: str, files: Mapping[str, bytes] | None, stdout: BinaryIO,
+                  stderr: BinaryIO, on_result: Callable[[qemu.Result], None] | None) -> int:
+    """``--nic user``: the same image with a NIC and without the NK device."""
+    told: list[int] = []
+    guests: list[qemu.Guest] = []
+    with _stop_on_signals(guests, told):
+        _say(prog, f"baseline guest (--nic {nic}: virtio-net, no NK device, no GuestLib),"
+                   f" accel {chosen} ({why})")
+        if told:
+            return 128 + told[0]
+
+        def booted(seconds: float, cpu: float | None) -> None:
+            used = f", {cpu:.2f} s of QEMU CPU" if cpu is not None else ""
+            _say(prog, f"baseline guest booted in {seconds:.2f} s ({chosen}{used})")
+
+        guest = qemu.Guest(image, cmd, accel=chosen, memory=memory, name="netkernel-vm-nic",
+                           uncompressed=uncompressed, stdout=stdout, stderr=stderr,
+                           on_console=lambda line: _say(prog, f"[guest] {line}"),
+                           on_boot=booted, nic=nic, files=files)
+        guests.append(guest)
+        result = guest.wait(timeout)
+    if result.nic_ok is False:
+        _say(prog, "warning: the guest could not configure its NIC (eth0)")
+    if on_result is not None:
+        on_result(result)
+    return _status(result, told, timeout, prog)
+
+
 def cli_main(argv_cmd: Sequence[str], *, instance: str | None, nsm: str, impl: str,
              memory: str, accel: str, timeout: float | None, compressed: bool,
-             prog: str = "netkernel vm") -> int:
+             nic: str = "none", prog: str = "netkernel vm") -> int:
     cmd = list(argv_cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     try:
         return run(cmd, instance=instance, nsm=nsm, impl=impl, memory=memory, accel=accel,
-                   timeout=timeout, uncompressed=not compressed, prog=prog)
+                   timeout=timeout, uncompressed=not compressed, prog=prog, nic=nic)
     except (VMError, qemu.QemuError, host_run.RunError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN

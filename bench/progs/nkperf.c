@@ -5,9 +5,9 @@
  * kernel NSM or a shm NSM behind it.
  *
  *   nkperf server --port P --mode stream|rr --size M --conns C
- *   nkperf client --port P --mode stream|rr --size M --conns C --seconds T
+ *   nkperf client --port P --mode stream|rr --size M --conns C --seconds T [--host A]
  *
- * The server listens on 127.0.0.1:P, prints {"ready":true,...} once listening, accepts
+ * The server listens on 127.0.0.1:P (--host A: on A), prints {"ready":true,...} once listening, accepts
  * C connections (a thread each), and prints one JSON line when all of them are closed.
  *
  * stream: every client thread writes M-byte messages for T seconds, then shuts its
@@ -17,6 +17,10 @@
  *   throughput over C connections together.
  * rr: every client thread sends M bytes and waits for the M bytes the server echoes
  *   (TCP_NODELAY on both ends), for T seconds; count / seconds is the round trip rate.
+ *
+ * The client connects to 127.0.0.1:P, or A:P with --host A (bench/vm.py: a guest whose
+ * virtio-net NIC reaches the host's loopback as 10.0.2.2). Each end also reports the CPU
+ * seconds its process used (getrusage: "cpu_user", "cpu_sys").
  *
  * Both ends print their own counts; the driver checks they agree.
  */
@@ -30,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -46,6 +51,7 @@ struct opts {
 	size_t size;
 	int conns;
 	double seconds;
+	const char *host;
 };
 
 struct conn {
@@ -78,7 +84,7 @@ static void die(const char *what)
 static void usage(void)
 {
 	fprintf(stderr, "usage: nkperf server|client --port P --mode stream|rr --size M"
-			" --conns C [--seconds T]\n");
+			" --conns C [--seconds T] [--host A]\n");
 	exit(2);
 }
 
@@ -261,27 +267,33 @@ static void report(const struct opts *o, struct conn *cs)
 		if (i == 0 || c->end > end)
 			end = c->end;
 	}
+	struct rusage ru;
+
+	getrusage(RUSAGE_SELF, &ru);
 	printf("{\"role\":\"%s\",\"mode\":\"%s\",\"size\":%zu,\"conns\":%d,\"bytes\":%llu,"
-	       "\"count\":%llu,\"seconds\":%.6f}\n", o->server ? "server" : "client",
-	       o->mode == MODE_STREAM ? "stream" : "rr", o->size, o->conns,
-	       (unsigned long long)bytes, (unsigned long long)count, end - start);
+	       "\"count\":%llu,\"seconds\":%.6f,\"cpu_user\":%.6f,\"cpu_sys\":%.6f}\n",
+	       o->server ? "server" : "client", o->mode == MODE_STREAM ? "stream" : "rr",
+	       o->size, o->conns, (unsigned long long)bytes, (unsigned long long)count,
+	       end - start, (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec * 1e-6,
+	       (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec * 1e-6);
 	fflush(stdout);
 }
 
-static struct sockaddr_in loopback(int port)
+static struct sockaddr_in address(const struct opts *o)
 {
 	struct sockaddr_in sa;
 
 	memset(&sa, 0, sizeof(sa));
 	sa.sin_family = AF_INET;
-	sa.sin_port = htons((uint16_t)port);
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	sa.sin_port = htons((uint16_t)o->port);
+	if (inet_pton(AF_INET, o->host, &sa.sin_addr) != 1)
+		usage();
 	return sa;
 }
 
 static void run_server(const struct opts *o, struct conn *cs, pthread_t *th)
 {
-	struct sockaddr_in sa = loopback(o->port);
+	struct sockaddr_in sa = address(o);
 	socklen_t len = sizeof(sa);
 	int one = 1;
 	int lfd = socket(AF_INET, SOCK_STREAM, 0);
@@ -315,7 +327,7 @@ static void run_server(const struct opts *o, struct conn *cs, pthread_t *th)
 
 static void run_client(const struct opts *o, struct conn *cs, pthread_t *th)
 {
-	struct sockaddr_in sa = loopback(o->port);
+	struct sockaddr_in sa = address(o);
 
 	for (int i = 0; i < o->conns; i++) {
 		cs[i].fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -344,7 +356,7 @@ static long number(const char *s, long lo, long hi)
 int main(int argc, char **argv)
 {
 	struct opts o = { .port = 0, .mode = MODE_STREAM, .size = 8192, .conns = 1,
-			  .seconds = 1.0 };
+			  .seconds = 1.0, .host = "127.0.0.1" };
 	struct conn *cs;
 	pthread_t *th;
 
@@ -363,6 +375,8 @@ int main(int argc, char **argv)
 			o.size = (size_t)number(argv[i + 1], 1, 64L << 20);
 		else if (!strcmp(argv[i], "--conns"))
 			o.conns = (int)number(argv[i + 1], 1, MAX_CONNS);
+		else if (!strcmp(argv[i], "--host"))
+			o.host = argv[i + 1];
 		else if (!strcmp(argv[i], "--seconds"))
 			o.seconds = atof(argv[i + 1]);
 		else if (!strcmp(argv[i], "--mode") && !strcmp(argv[i + 1], "stream"))
