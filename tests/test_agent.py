@@ -94,7 +94,7 @@ class Agent:
     """One nk-agent process and control connections to it."""
 
     def __init__(self, binary: Path, instance: str, tmp: Path, idle_ms: int = 300,
-                 hold: bool = False) -> None:
+                 hold: bool = False, env: dict[str, str] | None = None) -> None:
         self.path = str(tmp / "agent.sock")
         rd, wr = os.pipe()
         self.hold_r = self.hold_w = -1
@@ -105,9 +105,9 @@ class Agent:
             self.hold_r, self.hold_w = os.pipe()
             fds.append(self.hold_r)
             args += ["--hold-fd", str(self.hold_r)]
-        env = dict(os.environ)
-        env.pop("NETKERNEL_ROOT", None)
-        self.proc = subprocess.Popen(args, pass_fds=fds, env=env, stderr=subprocess.PIPE)
+        full = dict(os.environ, **(env or {}))
+        full.pop("NETKERNEL_ROOT", None)
+        self.proc = subprocess.Popen(args, pass_fds=fds, env=full, stderr=subprocess.PIPE)
         os.close(wr)
         if self.hold_r >= 0:
             os.close(self.hold_r)
@@ -181,6 +181,20 @@ class Control:
 def agent(agent_bin: Path, tmp_path: Path) -> Iterator[Agent]:
     with own_instance() as name:
         a = Agent(agent_bin, name, tmp_path)
+        try:
+            yield a
+        finally:
+            a.close()
+
+
+@pytest.fixture(params=["sock_diag", "proc"])
+def closing_agent(request: pytest.FixtureRequest, agent_bin: Path,
+                  tmp_path: Path) -> Iterator[Agent]:
+    """An agent that tells a closed app end by sock_diag, and one that walks /proc as it
+    does on a kernel without unix_diag (a guest's, spec/vm.md)."""
+    with own_instance() as name:
+        env = {"NK_AGENT_DIAG": "proc"} if request.param == "proc" else {}
+        a = Agent(agent_bin, name, tmp_path, env=env)
         try:
             yield a
         finally:
@@ -340,12 +354,12 @@ def test_closing_a_connecting_socket_frees_it_at_once(agent: Agent) -> None:
         full.close()
 
 
-def test_peer_close_is_eof_and_last_close_is_peer_eof(agent: Agent) -> None:
+def test_peer_close_is_eof_and_last_close_is_peer_eof(closing_agent: Agent) -> None:
     """PRE-6: the kernel peer's close reads as EOF on the app end; the app end's last close
     (after a dup) reaches the peer as EOF."""
     with time_limit(20):
         lst = kernel_listener()
-        ctl = agent.connect()
+        ctl = closing_agent.connect()
         app, _ = connected(ctl, lst.getsockname()[1])
         peer, _ = lst.accept()
         peer.sendall(b"bye")
@@ -481,12 +495,12 @@ def test_shutdown_write_reaches_the_peer_after_the_data(agent: Agent) -> None:
         ctl.close()
 
 
-def test_shutdown_both_ways_is_not_a_close(agent: Agent) -> None:
+def test_shutdown_both_ways_is_not_a_close(closing_agent: Agent) -> None:
     """PRE-6: shutdown(SHUT_RDWR) makes the agent end look hung up while the app still holds
     the fd: the socket stays the agent's (LOOKUP, GETPEERNAME) until the last close."""
     with time_limit(30):
         lst = kernel_listener()
-        ctl = agent.connect()
+        ctl = closing_agent.connect()
         app, ino = connected(ctl, lst.getsockname()[1])
         peer, _ = lst.accept()
         peer.settimeout(10)

@@ -160,6 +160,7 @@ struct ag {
 	uint64_t work_gen;       /* bumped by the loop when it found work (bell thread's step) */
 	/* the loop */
 	int epfd, wake_fd, listen_fd, hold_fd, sig_fd, diag_fd;
+	bool diag_probed, diag_missing; /* sock_diag lacks AF_UNIX (no unix_diag): walk /proc */
 	pthread_t bell_thread;
 	pthread_mutex_t lock;    /* everything in here but quit (see the top of the file) */
 	bool loop_sleeping;      /* the loop is in its sleeping epoll_wait: the rings are the
@@ -249,7 +250,8 @@ void ag_conn_flush(struct ag *a, struct ag_conn *c);
 void ag_conn_reap(struct ag *a);
 void ag_reply_call(struct ag *a, struct ag_call *c, int64_t result);
 
-/* diag.c: 1 if the unix socket with inode `ino` is still open, 0 if not, -errno unknown. */
+/* diag.c: 1 if the unix socket with inode `ino` is still open, 0 if not, -errno unknown.
+ * Asks sock_diag; where the kernel has no unix_diag, looks through /proc/<pid>/fd. */
 int ag_diag_alive(struct ag *a, uint64_t ino);
 
 #endif
