@@ -148,6 +148,16 @@ for _name in targets.ROLES:
     globals()[f"_fixture_{_name}"] = _role_fixture(_name)
 
 
+@pytest.fixture
+def engine(coreengine: Any) -> Any:
+    """The running CoreEngine, part of the coreengine role: its :class:`targets.Launcher`,
+    or a not-applicable skip when the target's role has no process."""
+    process = getattr(coreengine, "process", None)
+    if process is None:
+        pytest.skip(NOT_APPLICABLE + "the target's coreengine role has no running process")
+    return process
+
+
 @pytest.fixture(scope="session")
 def nk_runtime(target: targets.Target, pytestconfig: pytest.Config,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[runtime.Runtime]:

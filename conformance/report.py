@@ -52,6 +52,9 @@ FILES = {"json": "report.json", "markdown": "report.md", "html": "report.html",
          "junit": "junit.xml"}
 _SPEC_VERSION = re.compile(r"^#\s.*\bspecification\s+(v\S+)", re.MULTILINE)
 _LIMIT = 8000  # characters kept of a failure's details or falsifying example
+#: The reproduction data a failure may carry besides its command, as the pages label it.
+_REPRODUCE_EXTRAS = (("falsifying_example", "Falsifying example"),
+                     ("reproduce_failure", "Reproduce with"), ("seed", "Seed"))
 
 
 @dataclasses.dataclass
@@ -291,8 +294,7 @@ def markdown(doc: dict[str, Any]) -> str:
                     f" ({', '.join(f['levels']) or '-'})",
                     f"- **Error:** {_md_cell(f['error'])}",
                     f"- **Reproduce:** `{f['reproduce'].get('command', '')}`"]
-            for key, label in (("falsifying_example", "Falsifying example"),
-                               ("reproduce_failure", "Reproduce with"), ("seed", "Seed")):
+            for key, label in _REPRODUCE_EXTRAS:
                 if f["reproduce"].get(key):
                     out += ["", f"{label}:", "", "```", str(f["reproduce"][key]), "```"]
             out.append("")
@@ -348,8 +350,7 @@ def html_page(doc: dict[str, Any]) -> str:
                     f" ({e(', '.join(f['levels']) or '-')})</td></tr>",
                     f"<tr><th>Error</th><td><pre>{e(f['error'])}</pre></td></tr>",
                     f"<tr><th>Reproduce</th><td><pre>{e(rep.get('command', ''))}</pre></td></tr>"]
-            for key, label in (("falsifying_example", "Falsifying example"),
-                               ("reproduce_failure", "Reproduce with"), ("seed", "Seed")):
+            for key, label in _REPRODUCE_EXTRAS:
                 if rep.get(key):
                     out.append(f"<tr><th>{label}</th><td><pre>{e(str(rep[key]))}</pre></td></tr>")
             out += ["</table>", f"<details><summary>details</summary><pre>{e(f['details'])}"

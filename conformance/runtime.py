@@ -709,14 +709,7 @@ class HandedAgent:
     def close(self) -> int | None:
         """Release, then end the agent (SIGTERM, SIGKILL after 10 s); its exit status."""
         self.release()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return Process(self.proc, self.proc.args).stop(10)
 
 
 @contextlib.contextmanager

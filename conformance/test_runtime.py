@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from netkernel.conformance.plugin import NOT_APPLICABLE
 from netkernel.conformance.runtime import (
     Control,
     Instance,
@@ -31,15 +30,6 @@ from netkernel.conformance.runtime import (
 from netkernel.reference import device as dev
 from netkernel.reference import shm
 from netkernel.reference.nqe import Op
-
-
-@pytest.fixture
-def engine(coreengine: Any) -> Any:
-    """The running CoreEngine is part of the coreengine role: skip if the target has none."""
-    process = getattr(coreengine, "process", None)
-    if process is None:
-        pytest.skip(NOT_APPLICABLE + "the target's coreengine role has no running process")
-    return process
 
 
 @pytest.fixture

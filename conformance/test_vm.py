@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 
-from netkernel.conformance.plugin import NOT_APPLICABLE
 from netkernel.conformance.runtime import (
     Control,
     HandedAgent,
@@ -43,14 +42,6 @@ from netkernel.reference.nqe import NQE, WIRE, Op, pack
 UNKNOWN_OP = 0x7E  # bit 7 clear, no such op: answered -ENOSYS (SEC-6 row 1)
 ENOSYS = 38
 TIMEOUT = 60
-
-
-@pytest.fixture
-def engine(coreengine: Any) -> Any:
-    process = getattr(coreengine, "process", None)
-    if process is None:
-        pytest.skip(NOT_APPLICABLE + "the target's coreengine role has no running process")
-    return process
 
 
 class Guest:
