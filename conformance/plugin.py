@@ -42,8 +42,12 @@ settings.register_profile(
     "certify", derandomize=True, max_examples=200, deadline=None, database=None,
     print_blob=True, suppress_health_check=_SUPPRESS,
 )
+# derandomize=False is explicit: Hypothesis loads its "ci" profile (derandomized) when
+# it sees a CI variable, and a profile inherits from whatever was loaded; a development
+# run's examples are random and a report fixes and records the seed (pytest_configure).
 settings.register_profile(
-    "dev", max_examples=60, deadline=None, suppress_health_check=_SUPPRESS,
+    "dev", max_examples=60, deadline=None, derandomize=False,
+    suppress_health_check=_SUPPRESS,
 )
 
 
