@@ -520,6 +520,90 @@ def test_asynchronous_errors_are_ev_error(nsm: Any, raw: Raw, tenant: RawTenant,
         assert raw.close(sid) == 0
 
 
+class _Flood:
+    """Peers that each write ``total`` bytes to a tenant socket, over small kernel
+    buffers so that the stack holds little and the slice fills; what the tenant was
+    lent is checked (inside the slice, on granules, no overlap) and counted."""
+
+    def __init__(self, inst: Instance, raw: Raw, tenant: RawTenant,
+                 listener: socket.socket, peers: int) -> None:
+        self.tenant = tenant
+        small = struct.pack("i", 64 << 10)
+        self.conns: list[tuple[int, socket.socket]] = []
+        for _ in range(peers):
+            s = raw.socket()
+            assert tenant.do(Op.SETSOCKOPT, s, opt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+                             small) == 0
+            assert tenant.do(Op.CONNECT, s, data=sa4(*listener.getsockname())) == 0
+            peer, _ = listener.accept()
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+            self.conns.append((s, peer))
+        (grant,) = [g for g in inst.status()["grants"] if g["vm_id"] == tenant.id]
+        self.slice = bufpool.Span(grant["offset"], grant["size"])
+        self.total = self.slice.size  # per peer: `peers` slices' worth in all
+        self.written = [0] * peers
+        self.sent = [hashlib.sha256() for _ in self.conns]
+        self.received = [hashlib.sha256() for _ in self.conns]
+        self.counts = [0] * peers
+        self.index = {s: i for i, (s, _) in enumerate(self.conns)}
+        self.held: list[NQE] = []
+        self.threads = [threading.Thread(target=self._write, args=(i, p), daemon=True)
+                        for i, (_, p) in enumerate(self.conns)]
+        for t in self.threads:
+            t.start()
+
+    def _write(self, i: int, peer: socket.socket) -> None:
+        for chunk in itertools.count():
+            if self.written[i] >= self.total:
+                break
+            block = hashlib.sha256(f"{i}/{chunk}".encode()).digest() * 2048  # 64 KiB
+            peer.sendall(block)
+            self.sent[i].update(block)
+            self.written[i] += len(block)
+        peer.close()
+
+    def ours(self, ev: NQE) -> bool:
+        return ev.sock_id in self.index
+
+    def hold(self) -> None:
+        """Take EV_DATA and return nothing, until the NSM has nothing left to lend."""
+        while not self.tenant.quiet(self.ours, 0.3):
+            for ev in [e for e in self.tenant.events if self.ours(e)]:
+                self.tenant.events.remove(ev)
+                assert ev.op == Op.EV_DATA, ev
+                assert bufpool.within(self.slice, ev.data_ptr, ev.size), (ev, self.slice)
+                assert (ev.data_ptr - self.slice.offset) % self.tenant.geo.buf_size == 0, ev
+                for other in self.held:
+                    assert (ev.data_ptr + ev.size <= other.data_ptr
+                            or other.data_ptr + other.size <= ev.data_ptr), (ev, other)
+                self.held.append(ev)
+
+    def _take(self, ev: NQE) -> None:
+        i = self.index[ev.sock_id]
+        self.received[i].update(self.tenant.payload(ev))
+        self.counts[i] += ev.size
+        self.tenant.buf_return(ev)
+
+    def drain(self, raw: Raw) -> None:
+        """Return what is held, read every byte to the FINs: each arrived, in order, once."""
+        for ev in self.held:
+            self._take(ev)
+        fins = 0
+        while fins < len(self.conns):
+            ev = self.tenant.event(self.ours, 10.0)
+            if ev.op == Op.EV_FIN:
+                fins += 1
+            else:
+                assert ev.op == Op.EV_DATA, ev
+                self._take(ev)
+        for t in self.threads:
+            t.join(5)
+        assert self.counts == self.written == [self.total] * len(self.conns)
+        assert [h.digest() for h in self.received] == [h.digest() for h in self.sent]
+        for s, _ in self.conns:
+            assert raw.close(s) == 0
+
+
 @pytest.mark.req("NSM-16")
 def test_a_full_slice_stops_reading_and_nothing_is_dropped(nsm: Any, inst: Instance, raw: Raw,
                                                            tenant: RawTenant,
@@ -528,77 +612,42 @@ def test_a_full_slice_stops_reading_and_nothing_is_dropped(nsm: Any, inst: Insta
     NSM lends at most the slice, on granules, without overlap, and stops; TCP holds the
     peers back; once buffers come back every byte arrives, in order, once."""
     before = nsm_counters(inst)
-    small = struct.pack("i", 64 << 10)  # small kernel buffers: the stack holds little
-    conns = []
-    for _ in range(3):
-        s = raw.socket()
-        assert tenant.do(Op.SETSOCKOPT, s, opt(socket.SOL_SOCKET, socket.SO_RCVBUF), small) == 0
-        assert tenant.do(Op.CONNECT, s, data=sa4(*linux_listener.getsockname())) == 0
-        peer, _ = linux_listener.accept()
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
-        conns.append((s, peer))
-    (grant,) = [g for g in inst.status()["grants"] if g["vm_id"] == tenant.id]
-    slice_ = bufpool.Span(grant["offset"], grant["size"])
-    total = slice_.size  # per peer: three slices' worth in all
-    written = [0, 0, 0]
-    sent = [hashlib.sha256() for _ in conns]
-
-    def writer(i: int, peer: socket.socket) -> None:
-        for chunk in itertools.count():
-            if written[i] >= total:
-                break
-            block = hashlib.sha256(f"{i}/{chunk}".encode()).digest() * 2048  # 64 KiB
-            peer.sendall(block)
-            sent[i].update(block)
-            written[i] += len(block)
-        peer.close()
-
-    threads = [threading.Thread(target=writer, args=(i, p), daemon=True)
-               for i, (_, p) in enumerate(conns)]
-    for t in threads:
-        t.start()
-    index = {s: i for i, (s, _) in enumerate(conns)}
-    ours = lambda e: e.sock_id in index  # noqa: E731
-    held: list[NQE] = []
-    while not tenant.quiet(ours, 0.3):  # until the NSM has nothing left to lend
-        for ev in [e for e in tenant.events if ours(e)]:
-            tenant.events.remove(ev)
-            assert ev.op == Op.EV_DATA, ev
-            assert bufpool.within(slice_, ev.data_ptr, ev.size), (ev, slice_)
-            assert (ev.data_ptr - slice_.offset) % tenant.geo.buf_size == 0, ev
-            for other in held:
-                assert (ev.data_ptr + ev.size <= other.data_ptr
-                        or other.data_ptr + other.size <= ev.data_ptr), (ev, other)
-            held.append(ev)
-    assert 0 < sum(e.size for e in held) <= slice_.size
-    assert all(w < total for w in written), "the NSM kept reading with no buffer free"
-    received = [hashlib.sha256() for _ in conns]
-    counts = [0, 0, 0]
-
-    def take(ev: NQE) -> None:
-        i = index[ev.sock_id]
-        received[i].update(tenant.payload(ev))
-        counts[i] += ev.size
-        tenant.buf_return(ev)
-
-    for ev in held:
-        take(ev)
-    fins = 0
-    while fins < len(conns):
-        ev = tenant.event(ours, 10.0)
-        if ev.op == Op.EV_FIN:
-            fins += 1
-        else:
-            assert ev.op == Op.EV_DATA, ev
-            take(ev)
-    for t in threads:
-        t.join(5)
-    assert counts == written == [total] * 3
-    assert [h.digest() for h in received] == [h.digest() for h in sent]
-    for s, _ in conns:
-        assert raw.close(s) == 0
+    flood = _Flood(inst, raw, tenant, linux_listener, 3)
+    flood.hold()
+    assert 0 < sum(e.size for e in flood.held) <= flood.slice.size
+    assert all(w < flood.total for w in flood.written), "the NSM kept reading with no buffer free"
+    flood.drain(raw)
     assert nsm_counters(inst)["rejected"] == before["rejected"], \
         "the CoreEngine dropped EV_DATA outside the slice or overlapping held buffers"
+
+
+@pytest.mark.req("NSM-18", "NSM-16")
+def test_a_socket_holding_nothing_still_receives_beside_full_ones(
+        nsm: Any, inst: Instance, raw: Raw, tenant: RawTenant,
+        linux_listener: socket.socket) -> None:
+    """iperf3's control connection beside its unread data streams: three peers write more
+    than the slice holds and the tenant returns nothing; then the peer of a fourth
+    connection, which holds none of the slice, sends a few bytes: they arrive as EV_DATA
+    while the others still hold everything they were lent. Then every byte arrives."""
+    control = raw.socket()
+    assert tenant.do(Op.CONNECT, control, data=sa4(*linux_listener.getsockname())) == 0
+    control_peer, _ = linux_listener.accept()
+    flood = _Flood(inst, raw, tenant, linux_listener, 3)
+    flood.hold()
+    assert all(w < flood.total for w in flood.written), "the NSM kept reading with no buffer free"
+    message = b"TEST_END, send the results"
+    control_peer.sendall(message)
+    got = b""
+    while len(got) < len(message):
+        ev = tenant.event(lambda e: e.sock_id == control, 5.0)
+        assert ev.op == Op.EV_DATA, ev
+        got += tenant.payload(ev)
+        tenant.buf_return(ev)
+    assert got == message
+    flood.drain(raw)
+    control_peer.close()
+    assert tenant.event(lambda e: e.sock_id == control, 5.0).op == Op.EV_FIN
+    assert raw.close(control) == 0
 
 
 def _stalled_connection(raw: Raw, tenant: RawTenant,

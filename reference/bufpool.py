@@ -215,6 +215,22 @@ class ReceiveAllocator(Allocator):
         check_slice(geo, grant)
         super().__init__(grant, geo.buf_size)
 
+    def room(self, held: int, cap: int, empty: int) -> int:
+        """NSM-16, NSM-18: the most bytes a socket holding ``held`` may be lent now.
+
+        ``cap`` is the per-socket share (NSM-16); ``empty`` is how many sockets of
+        the tenant hold none of the slice. They keep a reserve of a granule each (at
+        most half the slice): a socket holding some of the slice takes nothing of
+        the reserve, one holding none may take a granule of it. A datagram is never
+        split: a socket holding none takes it whole if it fits; one holding some
+        takes it only if it is at most this much.
+        """
+        reserve = min(empty, self._total // 2) * self.granule
+        open_ = max(0, self.free_bytes() - reserve)
+        if held == 0 and open_ < self.granule:
+            open_ = min(self.free_bytes(), self.granule)
+        return max(0, min(cap - held, open_))
+
 
 def check_slice(geo: Geometry, grant: Span) -> None:
     """A receive slice must lie in the receive half (EFAULT) on whole granules (EINVAL) (BUF-8)."""

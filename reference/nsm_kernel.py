@@ -250,6 +250,9 @@ class KernelNSM:
         if lib.control is not None:
             self.sel.register(lib.control, selectors.EVENT_READ, _CONTROL)
         self._starved: dict[int, set[Sock]] = collections.defaultdict(set)
+        # per tenant: its sockets, and those that hold some of its slice (NSM-18)
+        self._sockets: collections.Counter[int] = collections.Counter()
+        self._holders: collections.Counter[int] = collections.Counter()
         self._gated: list[Sock] = []
         self._scratch = ctypes.create_string_buffer(ksock.SOCKADDR_MAX)
         self._scratch_addr = ctypes.addressof(self._scratch)
@@ -321,13 +324,14 @@ class KernelNSM:
         for owner, size in returned:
             if isinstance(owner, Sock):
                 owner.rx_bytes -= size
+                if owner.rx_bytes == 0 and not owner.closed:
+                    self._holders[owner.vm_id] -= 1
         area = self.lib.tenants.get(vm_id)
         starved = self._starved.get(vm_id)
         if not starved or area is None:
             return
-        cap = self._cap(area)
         for s in list(starved):
-            if s.rx_bytes < cap:
+            if self._room(s, area) > 0:
                 starved.discard(s)
                 s.paused = False
                 self._update(s)
@@ -349,9 +353,13 @@ class KernelNSM:
             return
         s = Sock(nqe.sock_id, nqe.vm_id, call.qset, fd, domain, base == SOCK_STREAM)
         s.reading = not s.stream
-        self.socks[s.key] = s
+        self._add(s)
         self._update(s)
         self.lib.reply(call, 0)
+
+    def _add(self, s: Sock) -> None:
+        self.socks[s.key] = s
+        self._sockets[s.vm_id] += 1
 
     def _new_id_error(self, call: Call, sock_id: int) -> int:
         if sock_id == 0 or sock_id > 0xFFFF_FFFF:
@@ -402,7 +410,7 @@ class KernelNSM:
         """A new connection named by the ACCEPT's op_data; it reads once the reply is read."""
         new = Sock(call.nqe.op_data & 0xFFFF_FFFF, call.nqe.vm_id, call.qset, fd,
                    listener.family, True)
-        self.socks[new.key] = new
+        self._add(new)
         self._start_reading(new, self.lib.reply(call, addr_len))
 
     def _start_reading(self, s: Sock, ticket: Ticket) -> None:
@@ -591,9 +599,14 @@ class KernelNSM:
         return self.rx_cap if self.rx_cap is not None else max(area.geo.buf_size,
                                                                area.grant.size // 2)
 
+    def _room(self, s: Sock, area: TenantArea) -> int:
+        """NSM-16, NSM-18: what ``s`` may be lent now."""
+        empty = self._sockets[s.vm_id] - self._holders[s.vm_id]
+        return area.pool.room(s.rx_bytes, self._cap(area), empty)
+
     def _read_stream(self, s: Sock, area: TenantArea) -> bool:
         """One recv into a fresh receive buffer; True if more may be waiting."""
-        room = self._cap(area) - s.rx_bytes
+        room = self._room(s, area)
         if room <= 0:
             return self._pause(s)
         avail = ksock.pending_bytes(s.fd)
@@ -618,7 +631,8 @@ class KernelNSM:
 
     def _read_datagram(self, s: Sock, area: TenantArea) -> bool:
         """One datagram, behind its source sockaddr, into a fresh receive buffer."""
-        if s.rx_bytes >= self._cap(area):
+        room = self._room(s, area)
+        if room <= 0:
             return self._pause(s)
         size = ksock.datagram_size(s.fd)
         if size == -errno.EAGAIN:
@@ -627,6 +641,8 @@ class KernelNSM:
             self.lib.event(s.qset, s.vm_id, s.sock_id, Op.EV_ERROR, size)
             return True
         want = min(s.prefix + size, area.grant.size)  # larger than the slice: truncated
+        if want > room and s.rx_bytes:  # never split: whole to one holding none (NSM-18)
+            return self._pause(s)
         got = area.lend(want, s)
         if got is None:
             return self._pause(s)
@@ -643,6 +659,8 @@ class KernelNSM:
     def _data(self, s: Sock, area: TenantArea, offset: int, lent: int, size: int,
               prefix: int) -> None:
         area.named(offset, size)
+        if s.rx_bytes == 0:
+            self._holders[s.vm_id] += 1
         s.rx_bytes += lent
         self.lib.event(s.qset, s.vm_id, s.sock_id, Op.EV_DATA, prefix, offset, size)
 
@@ -739,6 +757,9 @@ class KernelNSM:
         s.sendq.clear()
         self._drop_backlog(s)
         self.socks.pop(s.key, None)
+        self._sockets[s.vm_id] -= 1
+        if s.rx_bytes:  # its buffers come back to no socket
+            self._holders[s.vm_id] -= 1
         self._starved.get(s.vm_id, set()).discard(s)
         _close_fd(s.fd)
 

@@ -34,8 +34,9 @@ EXAMPLE = ROOT / "examples" / "vendor-nsm"
 #      is answered with its size, not Linux's -EPIPE), NSM-8 (no SEND is left
 #      waiting for a CLOSE to answer -EBADF);
 #   2. a CLOSE is answered before the CoreEngine read the socket's events: NSM-17;
-#   3. data that arrives while the receive slice is full is dropped: NSM-16.
-BROKEN_FAILS = {"NSM-3", "NSM-6", "NSM-8", "NSM-16", "NSM-17"}
+#   3. data that arrives while the receive slice is full is dropped: NSM-16; so that the
+#      slice fills, that build keeps no share and no reserve: NSM-18.
+BROKEN_FAILS = {"NSM-3", "NSM-6", "NSM-8", "NSM-16", "NSM-17", "NSM-18"}
 
 needs_cc = pytest.mark.skipif(
     shutil.which("make") is None or shutil.which("cc") is None,

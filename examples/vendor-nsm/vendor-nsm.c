@@ -579,9 +579,9 @@ static uint8_t *tenant_buf(uint8_t vm, uint64_t ptr)
 /* ---- Pushing what arrives (NSM-15, NSM-16) -------------------------------- */
 
 /*
- * NSM-16's variation, a per-socket share, is what keeps a program alive: a
- * socket may hold at most 1/8 of the slice, and a socket that holds buffers
- * already may not take the last 1/8. Without it the buffers of sockets the
+ * NSM-16's variation, a per-socket share, and NSM-18's reserve keep a program
+ * alive: a socket may hold at most 1/8 of the slice, and a socket that holds
+ * buffers already may not take the last 1/8. Without them the buffers of sockets the
  * application does not read at the moment (iperf3's data streams at the end of
  * a test) fill the slice, and the byte it waits for on another socket (its
  * control connection) never gets a buffer.

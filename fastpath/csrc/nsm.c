@@ -161,6 +161,7 @@ struct nk_nsm_alloc {
 	uint64_t size;
 	uint32_t granule;
 	uint32_t total;  /* granules */
+	uint32_t nfree;  /* granules in the free runs */
 	uint32_t nruns;
 	uint32_t *starts, *counts; /* free runs, sorted, never adjacent */
 	struct nk_nsm_lent *lent;  /* per granule */
@@ -186,6 +187,7 @@ static int alloc_init(struct nk_nsm_alloc *a, uint64_t base, uint64_t size, uint
 	}
 	a->starts[0] = 0;
 	a->counts[0] = a->total;
+	a->nfree = a->total;
 	a->nruns = 1;
 	return 0;
 }
@@ -223,6 +225,7 @@ static uint64_t alloc_get(struct nk_nsm_alloc *a, uint32_t size, uint32_t owner,
 			a->counts[i] -= need;
 		}
 		a->lent[first] = (struct nk_nsm_lent){ size, 0, owner, serial };
+		a->nfree -= need;
 		return a->base + (uint64_t)first * a->granule;
 	}
 	return UINT64_MAX;
@@ -234,6 +237,7 @@ static void alloc_put(struct nk_nsm_alloc *a, uint32_t first)
 	uint32_t count = (uint32_t)(((uint64_t)a->lent[first].size + a->granule - 1) / a->granule);
 	a->lent[first].size = 0;
 	a->lent[first].named = 0;
+	a->nfree += count;
 	uint32_t i = 0;
 	while (i < a->nruns && a->starts[i] < first)
 		i++;
@@ -412,6 +416,7 @@ struct nk_nsm {
 	/* per tenant, read by other threads: every access is a relaxed atomic (nk_nsm_tc_add) */
 	struct nk_nsm_tenant_counters tc[256];
 	bool tc_mapped[256];
+	uint32_t holders[256]; /* per tenant: its sockets that hold some of its slice (NSM-18) */
 };
 
 /* Per-tenant counters: written by the loop, read from any thread (no ordering needed:
@@ -604,6 +609,8 @@ static void nk_nsm_remove(struct nk_nsm *n, struct nk_nsm_sock *s)
 			*p = s->hnext;
 			n->nsocks--;
 			nk_nsm_tc_sub(n, s->vm_id, sockets, 1);
+			if (s->rx_bytes) /* its buffers come back to no socket (NSM-18) */
+				n->holders[s->vm_id]--;
 			return;
 		}
 	}
@@ -813,6 +820,32 @@ static uint64_t nk_nsm_cap(const struct nk_nsm *n, const struct nk_nsm_tenant *t
 	return half > t->buf_size ? half : t->buf_size;
 }
 
+/* NSM-18: the reserve, one granule for each socket of the tenant that holds none of its
+ * slice, at most half the slice. The loop is the counters' only writer. */
+static uint64_t nk_nsm_reserve(const struct nk_nsm *n, const struct nk_nsm_tenant *t,
+			       uint8_t vm)
+{
+	const struct nk_nsm_alloc *a = &t->pool;
+	uint64_t socks = __atomic_load_n(&n->tc[vm].sockets, __ATOMIC_RELAXED);
+	uint64_t empty = socks > n->holders[vm] ? socks - n->holders[vm] : 0;
+	return nk_nsm_min(empty, a->total / 2) * a->granule;
+}
+
+/* NSM-16, NSM-18 (bufpool.ReceiveAllocator.room): the most bytes socket s may be lent
+ * now. Below its share (the cap); a socket holding some of the slice leaves the
+ * reserve free, one holding none may take a granule of it. */
+static uint64_t nk_nsm_room(const struct nk_nsm *n, const struct nk_nsm_tenant *t,
+			    const struct nk_nsm_sock *s)
+{
+	const struct nk_nsm_alloc *a = &t->pool;
+	uint64_t cap = nk_nsm_cap(n, t), held = s->rx_bytes;
+	uint64_t free = (uint64_t)a->nfree * a->granule, reserve = nk_nsm_reserve(n, t, s->vm_id);
+	uint64_t open = free > reserve ? free - reserve : 0;
+	if (!held && open < a->granule)
+		open = nk_nsm_min(free, a->granule);
+	return held < cap ? nk_nsm_min(cap - held, open) : 0;
+}
+
 /* A call's buffer in the send half (NQE-6, NQE-14, NSM-13): 0 and *p (NULL for size 0),
  * or -EFAULT without touching it. */
 static int nk_nsm_address(const struct nk_nsm_tenant *t, uint64_t off, uint32_t size, char **p)
@@ -1019,12 +1052,14 @@ static void nk_nsm_buf_return(struct nk_nsm *n, const struct nk_nsm_call *call)
 		owner = NULL;
 	alloc_put(a, (uint32_t)(rel / a->granule));
 	n->c.buf_return++;
-	if (owner)
+	if (owner) {
 		owner->rx_bytes -= size;
-	uint64_t cap = nk_nsm_cap(n, t);
+		if (!owner->rx_bytes)
+			n->holders[q->vm_id]--; /* NSM-18 */
+	}
 	for (uint32_t i = 0; i < t->starved.len;) {
 		struct nk_nsm_sock *s = *(struct nk_nsm_sock **)q_at(&t->starved, i);
-		if (s->rx_bytes < cap) {
+		if (nk_nsm_room(n, t, s)) {
 			nk_nsm_unstarve(n, s);
 			s->paused = false;
 			if (s->paired) /* SHM-6: its peer's SENDs go on, after this loop */
@@ -1800,13 +1835,10 @@ static bool nk_nsm_pair_try(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_n
 	}
 	struct nk_nsm_tenant *t = r ? n->tenants[r->vm_id] : NULL;
 	if (r && !r->gated && t) { /* SHM-5: no server yet, or its ACCEPT reply unread: wait */
-		uint64_t cap = nk_nsm_cap(n, t);
 		while (p->done < p->length) {
-			if (r->rx_bytes >= cap)
-				break;
+			uint64_t room = nk_nsm_room(n, t, r); /* NSM-16, NSM-18 */
 			uint64_t want = nk_nsm_min(nk_nsm_min(p->length - p->done, n->rx_chunk),
-						   nk_nsm_min(cap - r->rx_bytes,
-							      alloc_largest_free(&t->pool)));
+						   nk_nsm_min(room, alloc_largest_free(&t->pool)));
 			uint64_t off = want ? alloc_get(&t->pool, (uint32_t)want, r->sock_id, r->serial)
 					    : UINT64_MAX;
 			if (off == UINT64_MAX)
@@ -2069,6 +2101,8 @@ static void nk_nsm_data(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_t
 			uint64_t off, uint32_t lent, uint32_t size, uint32_t prefix)
 {
 	t->pool.lent[(off - t->pool.base) / t->pool.granule].named = size; /* BUF-4 */
+	if (!s->rx_bytes)
+		n->holders[s->vm_id]++; /* NSM-18 */
 	s->rx_bytes += lent;
 	nk_nsm_event(n, s, NK_OP_EV_DATA, prefix, off, size);
 }
@@ -2081,10 +2115,9 @@ static void nk_nsm_unsend(struct nk_nsm_tenant *t, uint64_t off)
 /* One recv into a fresh receive buffer; true if more may be waiting. */
 static bool nk_nsm_read_stream(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_tenant *t)
 {
-	uint64_t cap = nk_nsm_cap(n, t);
-	if (s->rx_bytes >= cap)
+	uint64_t room = nk_nsm_room(n, t, s); /* NSM-16, NSM-18 */
+	if (!room)
 		return nk_nsm_pause(n, s);
-	uint64_t room = cap - s->rx_bytes;
 	int avail = 0;
 	if (ioctl(s->fd, FIONREAD, &avail) < 0)
 		avail = -errno;
@@ -2116,7 +2149,8 @@ static bool nk_nsm_read_stream(struct nk_nsm *n, struct nk_nsm_sock *s, struct n
 /* One datagram, behind its source sockaddr, into a fresh receive buffer (NQE-15). */
 static bool nk_nsm_read_datagram(struct nk_nsm *n, struct nk_nsm_sock *s, struct nk_nsm_tenant *t)
 {
-	if (s->rx_bytes >= nk_nsm_cap(n, t))
+	uint64_t room = nk_nsm_room(n, t, s); /* NSM-16, NSM-18 */
+	if (!room)
 		return nk_nsm_pause(n, s);
 	int64_t size = nk_nsm_rc(recv(s->fd, NULL, 0, MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT));
 	if (size == -EAGAIN)
@@ -2127,6 +2161,8 @@ static bool nk_nsm_read_datagram(struct nk_nsm *n, struct nk_nsm_sock *s, struct
 	}
 	uint32_t prefix = s->family == AF_INET ? 16 : 28;
 	uint64_t want = nk_nsm_min(prefix + (uint64_t)size, t->grant_size); /* larger: truncated */
+	if (want > room && s->rx_bytes) /* never split: whole to a socket holding none (NSM-18) */
+		return nk_nsm_pause(n, s);
 	uint64_t off = alloc_get(&t->pool, (uint32_t)want, s->sock_id, s->serial);
 	if (off == UINT64_MAX)
 		return nk_nsm_pause(n, s);
