@@ -20,7 +20,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +80,8 @@ class Guest:
         self.dmap.close()
 
 
-@contextlib.contextmanager
-def guest(inst: Instance) -> Iterator[Guest]:
-    g = Guest(inst)
-    try:
-        yield g
-    finally:
-        g.close()
+def guest(inst: Instance) -> contextlib.closing[Guest]:
+    return contextlib.closing(Guest(inst))
 
 
 def unknown_op(sock: int, tag: int) -> bytes:

@@ -80,11 +80,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def web(tmp_path: Path) -> Iterator[Web]:
-    w = Web(tmp_path)
-    try:
+    with contextlib.closing(Web(tmp_path)) as w:
         yield w
-    finally:
-        w.close()
 
 
 @contextlib.contextmanager
